@@ -1,0 +1,92 @@
+"""The backend interface: exactly the CKKS operations the kernels need, nothing more.
+
+Kernels never import a backend; they receive an object with this shape. Ciphertexts and
+plaintexts are the backend's native objects (opaque to kernels). Levels count down: a fresh
+ciphertext is at `params.top_level`, the last usable level is 0.
+
+Key kinds are separate types; the secret key never leaves `ClientKeys` unless asked for by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from heinfer.params import CKKSParams
+
+Ciphertext = Any
+Plaintext = Any
+
+
+def galois_element(step: int, poly_modulus_degree: int) -> int:
+    """SEAL's Galois element for a left rotation by `step` slots (negative: right)."""
+    n = poly_modulus_degree
+    slots = n // 2
+    step %= slots
+    return pow(3, step, 2 * n)
+
+
+@dataclass
+class EvalKeyBytes:
+    """What a client sends so a server can evaluate: serialized (seeded) public material only."""
+
+    relin_keys: bytes
+    galois_keys: bytes
+    rotation_steps: list[int] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return len(self.relin_keys) + len(self.galois_keys)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    params: CKKSParams
+
+    @property
+    def slots(self) -> int: ...
+
+    # -- encoding -------------------------------------------------------------------------
+    def encode(self, values: np.ndarray, level: int, scale: float) -> Plaintext: ...
+
+    # -- client side (needs the secret key) ------------------------------------------------
+    def encrypt(self, values: np.ndarray) -> Ciphertext: ...
+
+    def decrypt(self, ct: Ciphertext) -> np.ndarray: ...
+
+    # -- evaluation ----------------------------------------------------------------------
+    def add(self, a: Ciphertext, b: Ciphertext) -> Ciphertext: ...
+
+    def add_inplace(self, a: Ciphertext, b: Ciphertext) -> None: ...
+
+    def add_plain_inplace(self, a: Ciphertext, p: Plaintext) -> None: ...
+
+    def multiply_plain(self, a: Ciphertext, p: Plaintext) -> Ciphertext: ...
+
+    def multiply(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        """Ciphertext product, relinearized."""
+        ...
+
+    def square(self, a: Ciphertext) -> Ciphertext:
+        """Ciphertext square, relinearized."""
+        ...
+
+    def rescale_inplace(self, a: Ciphertext) -> None: ...
+
+    def mod_switch_to_inplace(self, a: Ciphertext, level: int) -> None: ...
+
+    def rotate(self, a: Ciphertext, step: int) -> Ciphertext: ...
+
+    def level(self, a: Ciphertext) -> int: ...
+
+    def scale_of(self, a: Ciphertext) -> float: ...
+
+    def prime(self, level: int) -> int:
+        """The data prime that a rescale at `level` drops."""
+        ...
+
+    # -- bytes ---------------------------------------------------------------------------
+    def ciphertext_to_bytes(self, ct: Ciphertext) -> bytes: ...
+
+    def ciphertext_from_bytes(self, data: bytes) -> Ciphertext: ...

@@ -1,0 +1,313 @@
+"""Backend over TenSEAL's `sealapi` (raw SEAL 4.3 bindings shipped with tenseal 0.3.18).
+
+TenSEAL's high-level API has no rotations and no level control, so everything here goes through
+`tenseal.sealapi`. sealapi's save/load take file paths only, hence the temporary files.
+Everything a client sends is *seeded* (symmetric encryption, seeded key generation): SEAL then
+stores the seed of the uniformly random half instead of the half itself (about half the bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from heinfer.backends.base import Ciphertext, EvalKeyBytes, Plaintext, galois_element
+from heinfer.errors import (
+    DepthExhaustedError,
+    MissingKeyError,
+    ParamsMismatchError,
+    ScaleMismatchError,
+    SecretKeyError,
+    SerializationError,
+)
+from heinfer.params import CKKSParams
+
+SEAL_VERSION = "4.3"
+
+
+class _TempFiles:
+    """One private temporary directory for sealapi's path-only save/load."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="heinfer-seal-")
+        self._path = os.path.join(self._dir, "obj")
+
+    def dump(self, obj) -> bytes:
+        obj.save(self._path)
+        return Path(self._path).read_bytes()
+
+    def load_into(self, obj, context, data: bytes):
+        Path(self._path).write_bytes(data)
+        obj.load(context, self._path)
+        return obj
+
+
+class TensealBackend:
+    """CKKS over SEAL via tenseal.sealapi. Built without a secret key on the server
+    (`TensealBackend(params)` + `load_eval_keys`), with one on the client (`generate_keys`)."""
+
+    name = "tenseal"
+
+    def __init__(self, params: CKKSParams):
+        self.params = params
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        parms.set_poly_modulus_degree(params.poly_modulus_degree)
+        parms.set_coeff_modulus(
+            seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bits))
+        )
+        # Security is enforced by CKKSParams (with an explicit insecure opt-in), so SEAL's own
+        # check is relaxed only when the caller asked for insecure test parameters.
+        sec = seal.SEC_LEVEL_TYPE.NONE if params.insecure else seal.SEC_LEVEL_TYPE.TC128
+        self.context = seal.SEALContext(parms, True, sec)
+        if not self.context.parameters_set():
+            raise ParamsMismatchError(
+                f"SEAL rejected {params.describe()}: {self.context.parameters_error_message()}"
+            )
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self._files = _TempFiles()
+        # level -> parms_id and data prime, parms_id -> level
+        self._parms_by_level: dict[int, list[int]] = {}
+        self._prime_by_level: dict[int, int] = {}
+        self._level_by_parms: dict[tuple[int, ...], int] = {}
+        data = self.context.first_context_data()
+        while data is not None:
+            level = data.chain_index()
+            pid = list(data.parms_id())
+            self._parms_by_level[level] = pid
+            self._level_by_parms[tuple(pid)] = level
+            self._prime_by_level[level] = data.parms().coeff_modulus()[-1].value()
+            data = data.next_context_data()
+        self.relin_keys: seal.RelinKeys | None = None
+        self.galois_keys: seal.GaloisKeys | None = None
+        self.rotation_steps: set[int] = set()
+        self._secret_key = None
+        self._encryptor = None
+        self._decryptor = None
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.params.slots
+
+    def level(self, ct: Ciphertext) -> int:
+        return self._level_by_parms[tuple(ct.parms_id())]
+
+    def scale_of(self, ct: Ciphertext) -> float:
+        return ct.scale
+
+    def prime(self, level: int) -> int:
+        return self._prime_by_level[level]
+
+    # -- keys -----------------------------------------------------------------------------
+    def generate_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
+        """Client side: make a secret key and the evaluation keys for exactly these steps."""
+        keygen = seal.KeyGenerator(self.context)
+        self._secret_key = keygen.secret_key()
+        self._encryptor = seal.Encryptor(self.context, self._secret_key)
+        self._decryptor = seal.Decryptor(self.context, self._secret_key)
+        steps = sorted({s % self.slots for s in rotation_steps} - {0})
+        relin = self._files.dump(keygen.create_relin_keys())
+        elements = [galois_element(s, self.params.poly_modulus_degree) for s in steps]
+        galois = self._files.dump(keygen.create_galois_keys(elements)) if steps else b""
+        keys = EvalKeyBytes(relin_keys=relin, galois_keys=galois, rotation_steps=steps)
+        self.load_eval_keys(keys)  # the client can evaluate too (tests, local runs)
+        return keys
+
+    def load_eval_keys(self, keys: EvalKeyBytes) -> None:
+        """Server side: load relinearization and Galois keys (seeded bytes from a client)."""
+        try:
+            self.relin_keys = self._files.load_into(seal.RelinKeys(), self.context,
+                                                    keys.relin_keys)
+            self.galois_keys = None
+            if keys.galois_keys:
+                self.galois_keys = self._files.load_into(seal.GaloisKeys(), self.context,
+                                                         keys.galois_keys)
+        except (RuntimeError, ValueError) as e:
+            raise ParamsMismatchError(
+                f"evaluation keys do not load under {self.params.describe()}: {e}"
+            ) from e
+        self.rotation_steps = {s % self.slots for s in keys.rotation_steps}
+
+    def secret_key_bytes(self) -> bytes:
+        """The secret key, only when asked for by name (the client stores it locally)."""
+        if self._secret_key is None:
+            raise SecretKeyError("this backend holds no secret key")
+        return self._files.dump(self._secret_key)
+
+    def load_secret_key(self, data: bytes) -> None:
+        self._secret_key = self._files.load_into(seal.SecretKey(), self.context, data)
+        self._encryptor = seal.Encryptor(self.context, self._secret_key)
+        self._decryptor = seal.Decryptor(self.context, self._secret_key)
+
+    @property
+    def has_secret_key(self) -> bool:
+        return self._secret_key is not None
+
+    # -- encode / encrypt / decrypt ------------------------------------------------------
+    def encode(self, values: np.ndarray, level: int, scale: float) -> Plaintext:
+        values = np.asarray(values)
+        if values.shape != (self.slots,):
+            raise ValueError(f"encode expects {self.slots} slot values, got {values.shape}")
+        pt = seal.Plaintext()
+        vals = values.tolist()  # sealapi takes Python lists (complex or float)
+        self.encoder.encode(vals, self._parms_by_level[level], float(scale), pt)
+        return pt
+
+    def encrypt(self, values: np.ndarray) -> Ciphertext:
+        """Symmetric (seeded-serializable) encryption at the top level and default scale."""
+        if self._encryptor is None:
+            raise SecretKeyError("encryption needs the client's secret key")
+        pt = self.encode(values, self.params.top_level, self.params.scale)
+        ct = seal.Ciphertext()
+        self._encryptor.encrypt_symmetric(pt, ct)
+        return ct
+
+    def encrypt_to_bytes(self, values: np.ndarray) -> bytes:
+        """Encrypt and serialize seeded: about half the bytes of a full ciphertext."""
+        if self._encryptor is None:
+            raise SecretKeyError("encryption needs the client's secret key")
+        pt = self.encode(values, self.params.top_level, self.params.scale)
+        return self._files.dump(self._encryptor.encrypt_symmetric(pt))
+
+    def decrypt(self, ct: Ciphertext) -> np.ndarray:
+        if self._decryptor is None:
+            raise SecretKeyError("decryption needs the client's secret key")
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return np.array(self.encoder.decode_double(pt))
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _check_same(self, a: Ciphertext, b, what: str) -> None:
+        la, lb = self.level(a), self._level_by_parms.get(tuple(b.parms_id()))
+        if la != lb:
+            raise ScaleMismatchError(f"{what}: operands at levels {la} and {lb}; mod-switch the "
+                                     "higher one down first")
+        sa, sb = a.scale, b.scale
+        if abs(sa - sb) > 1e-6 * max(sa, sb):
+            raise ScaleMismatchError(
+                f"{what}: scales 2^{np.log2(sa):.4f} and 2^{np.log2(sb):.4f} differ; encode the "
+                "plaintext at the ciphertext's scale or rescale both the same way"
+            )
+
+    def _check_room(self, level: int, scale: float, what: str) -> None:
+        bits = sum(self.params.coeff_mod_bits[: level + 1])
+        if np.log2(scale) >= bits - 1:
+            raise DepthExhaustedError(
+                f"{what}: result scale 2^{np.log2(scale):.1f} needs more than the {bits} bits "
+                f"left at level {level}; the plan is deeper than the modulus chain "
+                f"({self.params.describe()}). Add primes, use a larger ring, or reduce depth."
+            )
+
+    def add(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        self._check_same(a, b, "add")
+        out = seal.Ciphertext()
+        self.evaluator.add(a, b, out)
+        return out
+
+    def add_inplace(self, a: Ciphertext, b: Ciphertext) -> None:
+        self._check_same(a, b, "add")
+        self.evaluator.add_inplace(a, b)
+
+    def sub(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        self._check_same(a, b, "sub")
+        out = seal.Ciphertext()
+        self.evaluator.sub(a, b, out)
+        return out
+
+    def add_plain_inplace(self, a: Ciphertext, p: Plaintext) -> None:
+        self._check_same(a, p, "add_plain")
+        self.evaluator.add_plain_inplace(a, p)
+
+    def multiply_plain(self, a: Ciphertext, p: Plaintext) -> Ciphertext:
+        level = self.level(a)
+        if self._level_by_parms.get(tuple(p.parms_id())) != level:
+            raise ScaleMismatchError(
+                f"multiply_plain: plaintext encoded for another level than the ciphertext's "
+                f"({level})"
+            )
+        self._check_room(level, a.scale * p.scale, "multiply_plain")
+        out = seal.Ciphertext()
+        self.evaluator.multiply_plain(a, p, out)
+        return out
+
+    def multiply(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        if self.relin_keys is None:
+            raise MissingKeyError("ciphertext multiplication needs relinearization keys")
+        if self.level(a) != self.level(b):
+            raise ScaleMismatchError(f"multiply: operands at levels {self.level(a)} and "
+                                     f"{self.level(b)}")
+        self._check_room(self.level(a), a.scale * b.scale, "multiply")
+        out = seal.Ciphertext()
+        self.evaluator.multiply(a, b, out)
+        self.evaluator.relinearize_inplace(out, self.relin_keys)
+        return out
+
+    def square(self, a: Ciphertext) -> Ciphertext:
+        if self.relin_keys is None:
+            raise MissingKeyError("ciphertext multiplication needs relinearization keys")
+        self._check_room(self.level(a), a.scale * a.scale, "square")
+        out = seal.Ciphertext()
+        self.evaluator.square(a, out)
+        self.evaluator.relinearize_inplace(out, self.relin_keys)
+        return out
+
+    def rescale_inplace(self, a: Ciphertext) -> None:
+        level = self.level(a)
+        if level == 0:
+            raise DepthExhaustedError(
+                f"rescale at level 0: the computation needs more multiplicative depth than "
+                f"{self.params.describe()} offers; add data primes or reduce the plan's depth"
+            )
+        if a.scale / self.prime(level) < 2.0:
+            raise ScaleMismatchError(
+                f"rescale would drop the scale 2^{np.log2(a.scale):.1f} below 1 (prime "
+                f"2^{np.log2(self.prime(level)):.1f}); multiply before rescaling"
+            )
+        self.evaluator.rescale_to_next_inplace(a)
+
+    def mod_switch_to_inplace(self, a: Ciphertext, level: int) -> None:
+        if level > self.level(a):
+            raise ScaleMismatchError(f"cannot mod-switch up from level {self.level(a)} to {level}")
+        if level < self.level(a):
+            self.evaluator.mod_switch_to_inplace(a, self._parms_by_level[level])
+
+    def rotate(self, a: Ciphertext, step: int) -> Ciphertext:
+        step %= self.slots
+        out = seal.Ciphertext()
+        if step == 0:
+            return self.copy(a)
+        if self.galois_keys is None or step not in self.rotation_steps:
+            raise MissingKeyError(
+                f"no Galois key for rotation step {step}; keys were made for steps "
+                f"{sorted(self.rotation_steps)}"
+            )
+        self.evaluator.rotate_vector(a, step, self.galois_keys, out)
+        return out
+
+    def copy(self, a: Ciphertext) -> Ciphertext:
+        # sealapi binds no copy constructor; negating twice copies at the cost of two cheap passes
+        out = seal.Ciphertext()
+        self.evaluator.negate(a, out)
+        self.evaluator.negate_inplace(out)
+        return out
+
+    # -- bytes ----------------------------------------------------------------------------
+    def ciphertext_to_bytes(self, ct: Ciphertext) -> bytes:
+        return self._files.dump(ct)
+
+    def ciphertext_from_bytes(self, data: bytes) -> Ciphertext:
+        try:
+            ct = self._files.load_into(seal.Ciphertext(), self.context, data)
+        except (RuntimeError, ValueError) as e:
+            raise SerializationError(
+                f"not a ciphertext for {self.params.describe()}: {e}"
+            ) from e
+        if tuple(ct.parms_id()) not in self._level_by_parms:
+            raise ParamsMismatchError("ciphertext made under other parameters")
+        return ct

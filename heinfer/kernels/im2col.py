@@ -1,0 +1,78 @@
+"""First convolution on a client-arranged input (`Im2colLayout`): upload traded for speed.
+
+The client lays out each tap's window, replicated for every output channel, so the server does
+one plaintext multiply per input ciphertext, one rescale, and a rotate-and-sum over the taps that
+share a ciphertext (log2(taps_per_ct) rotations). The output is a compact grid layout: channel
+co in block co of size Ho*Wo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from heinfer.backends.base import Backend, Ciphertext
+from heinfer.errors import LayoutError
+from heinfer.kernels.base import (
+    BuildContext,
+    Kernel,
+    rotate_and_sum,
+    rotate_and_sum_steps,
+)
+from heinfer.layout import GridLayout, Im2colLayout
+
+
+class Im2colConv2d(Kernel):
+    name = "conv2d_im2col"
+
+    def __init__(self, ctx: BuildContext, weight: np.ndarray, bias: np.ndarray | None,
+                 in_layout: Im2colLayout, level: int, scale: float):
+        super().__init__(ctx, in_layout, level, scale)
+        if not isinstance(in_layout, Im2colLayout):
+            raise LayoutError(f"conv2d_im2col needs an im2col layout, got {in_layout}")
+        self.needs_levels(ctx, 1)
+        lay, slots = in_layout, ctx.slots
+        co_n, ci_n, kh, kw = weight.shape
+        if (co_n, ci_n, kh, kw) != (lay.out_channels, lay.in_shape[0], *lay.kernel):
+            raise LayoutError(f"weight {weight.shape} does not match {lay}")
+        ho, wo = lay.out_hw
+        P = ho * wo
+        prime = ctx.backend.prime(level)
+        self.plaintexts = []
+        for q in range(lay.n_ct):
+            v = np.zeros(slots)
+            for g in range(lay.taps_per_ct):
+                t = q * lay.taps_per_ct + g
+                if t >= lay.taps:
+                    break
+                ci, di, dj = lay.tap(t)
+                start = g * lay.group_stride
+                v[start : start + lay.group] = np.repeat(weight[:, ci, di, dj], P)
+            self.plaintexts.append(ctx.encode(v, level, prime))
+            self.expected_ops["multiply_plain"] += 1
+        self.group, self.count = lay.group_stride, lay.taps_per_ct
+        rotate_and_sum_steps(ctx, self, self.group, self.count)
+        # When the groups tile all slots, the cyclic rotate-and-sum leaves the full sum in every
+        # group: the output comes replicated for free (the dense layer after uses the copies).
+        replicas = self.count if self.count * self.group == slots else 1
+        self.out_layout = GridLayout((co_n, ho, wo), slots, co_n, P, wo, 1, 0, replicas,
+                                     self.group)
+        self.out_level, self.out_scale = level - 1, scale
+        self.bias = None
+        if bias is not None and np.any(bias):
+            v = np.zeros(slots)
+            for shift in self.out_layout.replica_shifts():
+                v[shift : shift + co_n * P] = np.repeat(bias, P)
+            self.bias = ctx.encode(v, self.out_level, self.out_scale)
+
+    def run(self, be: Backend, cts: list[Ciphertext]) -> list[Ciphertext]:
+        if len(cts) != len(self.plaintexts):
+            raise LayoutError(f"im2col input needs {len(self.plaintexts)} ciphertexts, "
+                              f"got {len(cts)}")
+        acc = be.multiply_plain(cts[0], self.plaintexts[0])
+        for ct, pt in zip(cts[1:], self.plaintexts[1:], strict=True):
+            be.add_inplace(acc, be.multiply_plain(ct, pt))
+        be.rescale_inplace(acc)
+        acc = rotate_and_sum(be, acc, self.group, self.count)
+        if self.bias is not None:
+            be.add_plain_inplace(acc, self.bias)
+        return [acc]

@@ -1,0 +1,61 @@
+"""Plaintext numpy forward pass, one layer at a time: the oracle every HE kernel is checked against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int,
+           padding: int) -> np.ndarray:
+    """x (Ci, H, W), weight (Co, Ci, kh, kw) -> (Co, Ho, Wo); cross-correlation as in PyTorch."""
+    ci, h, w = x.shape
+    co, ci_w, kh, kw = weight.shape
+    assert ci == ci_w, (x.shape, weight.shape)
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding)))
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    out = np.zeros((co, ho, wo))
+    for di in range(kh):
+        for dj in range(kw):
+            patch = xp[:, di : di + stride * ho : stride, dj : dj + stride * wo : stride]
+            out += np.einsum("oc,chw->ohw", weight[:, :, di, dj], patch)
+    if bias is not None:
+        out += bias[:, None, None]
+    return out
+
+
+def avgpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    c, h, w = x.shape
+    ho, wo = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    out = np.zeros((c, ho, wo))
+    for di in range(kernel):
+        for dj in range(kernel):
+            out += x[:, di : di + stride * ho : stride, dj : dj + stride * wo : stride]
+    return out / (kernel * kernel)
+
+
+def poly(x: np.ndarray, coeffs: list[float]) -> np.ndarray:
+    return np.polynomial.polynomial.polyval(x, np.asarray(coeffs, dtype=np.float64))
+
+
+def dense(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    out = weight @ x
+    return out + bias if bias is not None else out
+
+
+def forward_layer(layer: Any, x: np.ndarray) -> np.ndarray:
+    """Apply one `packing.modelfile.Layer` to x."""
+    a = layer.attrs
+    if layer.op == "conv2d":
+        return conv2d(x, layer.weight, layer.bias, a.get("stride", 1), a.get("padding", 0))
+    if layer.op == "avgpool2d":
+        return avgpool2d(x, a["kernel"], a.get("stride", a["kernel"]))
+    if layer.op == "poly":
+        return poly(x, a["coeffs"])
+    if layer.op == "flatten":
+        return x.reshape(-1)
+    if layer.op == "dense":
+        return dense(x, layer.weight, layer.bias)
+    raise ValueError(f"unknown op {layer.op!r}")

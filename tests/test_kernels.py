@@ -1,0 +1,152 @@
+"""Every kernel on real CKKS ciphertexts against the numpy forward pass, with asserted bounds.
+
+Parameters are small and insecure (n=4096, 2048 slots, scale 2^30) for speed. Observed errors are
+around 1e-4..1e-3 for O(1) values (key-switching noise dominates); the bounds leave room for that
+and nothing more: a wrong mask, diagonal or rotation gives errors of order 1.
+"""
+
+import numpy as np
+import pytest
+
+from heinfer import reference as ref
+from heinfer.errors import DepthExhaustedError, LayoutError
+from heinfer.layout import GridLayout, Im2colLayout, VectorLayout
+from heinfer.plan import PlanStep
+from tests.conftest import run_encrypted, small_params
+
+BOUND = 5e-3
+SLOTS = 2048
+
+
+def grid(shape, per_ct, replicas=1):
+    c, h, w = shape
+    return GridLayout(shape, SLOTS, per_ct, h * w, w, 1, 0, replicas)
+
+
+def assert_close(he, plain, bound=BOUND):
+    err = np.abs(he - plain).max()
+    assert err < bound * max(1.0, np.abs(plain).max()), f"max error {err}"
+
+
+@pytest.mark.parametrize("ci,co,hw,k,stride,pad,per_ct", [
+    (3, 4, 8, 3, 1, 1, 3),     # same padding, two output ciphertexts
+    (2, 2, 10, 3, 2, 1, 2),    # stride 2 with padding
+    (4, 3, 8, 3, 1, 0, 2),     # two input ciphertexts, no padding
+    (1, 5, 12, 5, 2, 1, 1),    # CryptoNets-like first layer, single channel
+])
+def test_rotation_conv_matches_numpy(rng, ci, co, hw, k, stride, pad, per_ct):
+    x = rng.normal(size=(ci, hw, hw))
+    w = rng.normal(scale=0.3, size=(co, ci, k, k))
+    b = rng.normal(size=co)
+    step = PlanStep("conv2d", {"stride": stride, "padding": pad}, w, b)
+    he, _ = run_encrypted(small_params(1), grid((ci, hw, hw), per_ct), [step], x)
+    assert_close(he, ref.conv2d(x, w, b, stride, pad))
+
+
+def test_replicated_input_conv_needs_no_block_shifts(rng):
+    x = rng.normal(size=(1, 10, 10))
+    w = rng.normal(scale=0.3, size=(4, 1, 3, 3))
+    step = PlanStep("conv2d", {"stride": 1, "padding": 1}, w, None)
+    he, compiled = run_encrypted(small_params(1), grid((1, 10, 10), 1, replicas=4), [step], x)
+    assert_close(he, ref.conv2d(x, w, None, 1, 1))
+    conv = compiled.kernels[0]
+    assert conv.r_min == conv.r_max == 0
+    # baby steps over 3 columns + 2 row giant steps: 5 rotations, not 9
+    assert len(conv.chain) <= 3
+
+
+def test_three_convolutions_chained_without_decryption(rng):
+    x = rng.normal(size=(2, 12, 12))
+    w1 = rng.normal(scale=0.3, size=(3, 2, 3, 3))
+    w2 = rng.normal(scale=0.3, size=(3, 3, 3, 3))
+    w3 = rng.normal(scale=0.3, size=(2, 3, 3, 3))
+    steps = [PlanStep("conv2d", {"stride": 1, "padding": 1}, w1, np.ones(3)),
+             PlanStep("conv2d", {"stride": 2, "padding": 1}, w2, None),
+             PlanStep("conv2d", {"stride": 1, "padding": 1}, w3, np.ones(2))]
+    he, compiled = run_encrypted(small_params(3), grid((2, 12, 12), 2), steps, x)
+    y = ref.conv2d(x, w1, np.ones(3), 1, 1)
+    y = ref.conv2d(y, w2, None, 2, 1)
+    y = ref.conv2d(y, w3, np.ones(2), 1, 1)
+    assert_close(he, y)
+    assert [k.out_level for k in compiled.kernels] == [2, 1, 0]
+
+
+def test_im2col_conv_matches_numpy(rng):
+    x = rng.normal(size=(1, 8, 8))
+    w = rng.normal(scale=0.3, size=(3, 1, 3, 3))
+    b = rng.normal(size=3)
+    layout = Im2colLayout((1, 8, 8), 3, (3, 3), 2, 1, SLOTS, 4, SLOTS // 4)
+    he, compiled = run_encrypted(small_params(1), layout, [PlanStep("conv2d_im2col", {}, w, b)], x)
+    assert_close(he, ref.conv2d(x, w, b, 2, 1))
+    assert compiled.kernels[0].out_layout.replicas == 4  # replicated for free
+
+
+@pytest.mark.parametrize("layout_kind", ["vector", "grid", "grid2ct", "replicated"])
+def test_dense_matches_numpy(rng, layout_kind):
+    if layout_kind == "vector":
+        x = rng.normal(size=(60,))
+        layout = VectorLayout(60, SLOTS)
+    elif layout_kind == "grid":
+        x = rng.normal(size=(3, 5, 5))
+        layout = GridLayout((3, 5, 5), SLOTS, 3, 64, 10, 2)  # gaps, as after a stride 2
+    elif layout_kind == "grid2ct":
+        x = rng.normal(size=(4, 6, 6))
+        layout = grid((4, 6, 6), 2)
+    else:
+        x = rng.normal(size=(2, 6, 6))
+        layout = GridLayout((2, 6, 6), SLOTS, 2, 36, 6, 1, 0, 4, SLOTS // 4)
+    n = x.size
+    w = rng.normal(scale=1 / np.sqrt(n), size=(17, n))
+    b = rng.normal(size=17)
+    steps = [PlanStep("flatten"), PlanStep("dense", {}, w, b)]
+    he, compiled = run_encrypted(small_params(1), layout, steps, x)
+    assert_close(he, w @ x.reshape(-1) + b)
+    if layout_kind == "replicated":
+        assert compiled.kernels[1].replicas > 1
+
+
+def test_two_dense_layers_chain(rng):
+    x = rng.normal(size=(50,))
+    w1 = rng.normal(scale=0.15, size=(30, 50))
+    w2 = rng.normal(scale=0.2, size=(7, 30))
+    steps = [PlanStep("dense", {}, w1, None), PlanStep("square", {"constant": 0.5}),
+             PlanStep("dense", {}, w2, np.ones(7))]
+    he, _ = run_encrypted(small_params(3), VectorLayout(50, SLOTS), steps, x)
+    assert_close(he, w2 @ ((w1 @ x) ** 2 + 0.5) + 1)
+
+
+def test_sumpool_then_dense(rng):
+    x = rng.normal(size=(2, 8, 8))
+    w = rng.normal(scale=0.1, size=(5, 2 * 4 * 4))
+    steps = [PlanStep("sumpool2d", {"kernel": 2, "stride": 2}), PlanStep("flatten"),
+             PlanStep("dense", {}, w, None)]
+    he, compiled = run_encrypted(small_params(1), grid((2, 8, 8), 2), steps, x)
+    assert_close(he, w @ (4 * ref.avgpool2d(x, 2, 2)).reshape(-1))
+    assert compiled.kernels[0].out_level == compiled.kernels[0].in_level  # pooling is free
+
+
+def test_square_and_generic_poly(rng):
+    x = rng.normal(size=(40,))
+    layout = VectorLayout(40, SLOTS)
+    he, _ = run_encrypted(small_params(1), layout, [PlanStep("square", {"constant": -0.25})], x)
+    assert_close(he, x**2 - 0.25)
+    coeffs = [0.1, 0.5, 0.25]
+    he, compiled = run_encrypted(small_params(2), layout, [PlanStep("poly2", {"coeffs": coeffs})],
+                                 x)
+    assert_close(he, ref.poly(x, coeffs))
+    assert compiled.kernels[0].out_level == 0  # depth 2 exactly
+
+
+def test_depth_exhaustion_is_reported_at_build(rng):
+    x = rng.normal(size=(20,))
+    steps = [PlanStep("square"), PlanStep("square"), PlanStep("square")]
+    with pytest.raises(DepthExhaustedError, match="add data primes"):
+        run_encrypted(small_params(2), VectorLayout(20, SLOTS), steps, x)
+
+
+def test_layout_mismatch_is_refused(rng):
+    x = rng.normal(size=(20,))
+    w = rng.normal(size=(3, 1, 3, 3))
+    with pytest.raises(LayoutError, match="grid layout"):
+        run_encrypted(small_params(1), VectorLayout(20, SLOTS),
+                      [PlanStep("conv2d", {"stride": 1, "padding": 1}, w, None)], x)

@@ -1,0 +1,106 @@
+"""Model -> plan lowering: the folded plan computes the model's function, encrypted and in clear."""
+
+import numpy as np
+import pytest
+
+from heinfer.errors import DepthExhaustedError, ModelFormatError, PlanVersionError
+from heinfer.plan import Plan
+from heinfer_packing.lower import choose_params, fold_model, lower, plan_depth
+from heinfer_packing.modelfile import Layer, Model, load_model, save_model
+from tests.conftest import run_encrypted, small_params
+
+
+def small_cnn(rng) -> Model:
+    return Model("small-cnn", (1, 12, 12), [
+        Layer("conv1", "conv2d", {"stride": 1, "padding": 1}, rng.normal(0, 0.3, (3, 1, 3, 3)),
+              rng.normal(0, 0.1, 3)),
+        Layer("act1", "poly", {"coeffs": [0.1, 0.5, 0.2]}),
+        Layer("pool1", "avgpool2d", {"kernel": 2, "stride": 2}),
+        Layer("conv2", "conv2d", {"stride": 1, "padding": 1}, rng.normal(0, 0.3, (4, 3, 3, 3)),
+              rng.normal(0, 0.1, 4)),
+        Layer("act2", "poly", {"coeffs": [0.0, 0.3, -0.1]}),
+        Layer("flatten", "flatten"),
+        Layer("fc1", "dense", {}, rng.normal(0, 0.1, (10, 4 * 6 * 6)), rng.normal(0, 0.1, 10)),
+    ], labels=[str(i) for i in range(10)])
+
+
+def folded_forward(steps, out_scale, x):
+    """Evaluate folded plan steps in clear (checks the folding algebra without HE)."""
+    from heinfer import reference as ref
+
+    for s in steps:
+        if s.op in ("conv2d", "conv2d_im2col"):
+            x = ref.conv2d(x, s.weight, s.bias, s.attrs.get("stride", 1), s.attrs.get("padding", 0))
+        elif s.op == "dense":
+            x = s.weight @ x.reshape(-1) + (0 if s.bias is None else s.bias)
+        elif s.op == "sumpool2d":
+            x = ref.avgpool2d(x, s.attrs["kernel"], s.attrs["stride"]) * s.attrs["kernel"] ** 2
+        elif s.op == "square":
+            x = x**2 + s.attrs.get("constant", 0.0)
+        elif s.op == "poly2":
+            x = ref.poly(x, s.attrs["coeffs"])
+    return x * out_scale
+
+
+def test_folding_is_exact(rng):
+    model = small_cnn(rng)
+    steps, out_scale = fold_model(model)
+    assert [s.op for s in steps] == ["conv2d", "square", "sumpool2d", "conv2d", "square",
+                                     "flatten", "dense"]
+    for _ in range(3):
+        x = rng.normal(size=(1, 12, 12))
+        np.testing.assert_allclose(folded_forward(steps, out_scale, x), model.forward(x),
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_activation_without_preceding_linear_uses_generic_poly(rng):
+    model = Model("p", (8,), [Layer("act", "poly", {"coeffs": [0.1, 0.2, 0.3]}),
+                              Layer("fc", "dense", {}, rng.normal(size=(3, 8)), None)])
+    steps, _ = fold_model(model)
+    assert steps[0].op == "poly2"
+
+
+@pytest.mark.parametrize("first_conv", ["im2col", "rotation"])
+def test_lowered_cnn_runs_encrypted(rng, first_conv):
+    model = small_cnn(rng)
+    plan = lower(model, small_params(5), first_conv=first_conv)
+    assert plan_depth(plan.steps) == 5
+    x = rng.normal(size=(1, 12, 12))
+    he, _ = run_encrypted(plan.params, plan.input_layout, plan.steps, x)
+    expected = model.forward(x)
+    assert np.abs(he * plan.output_scale - expected).max() < 5e-3 * max(1, np.abs(expected).max())
+
+
+def test_plan_too_deep_for_params(rng):
+    with pytest.raises(DepthExhaustedError, match="needs depth 5"):
+        lower(small_cnn(rng), small_params(4))
+
+
+def test_choose_params_is_128_bit_and_deep_enough():
+    p = choose_params(5)
+    assert p.poly_modulus_degree == 8192 and p.depth == 5 and p.security_bits() == 128
+    assert choose_params(9).poly_modulus_degree == 16384
+
+
+def test_plan_file_roundtrip_and_hash(rng, tmp_path):
+    plan = lower(small_cnn(rng), small_params(5))
+    path = plan.save(tmp_path / "small")
+    loaded = Plan.load(path)
+    assert loaded.hash() == plan.hash()
+    assert loaded.spec().rotation_steps == plan.spec().rotation_steps
+    doc = path.read_text().replace('"plan_format": 1', '"plan_format": 99')
+    path.write_text(doc)
+    with pytest.raises(PlanVersionError, match="recompile"):
+        Plan.load(path)
+
+
+def test_model_file_roundtrip(rng, tmp_path):
+    model = small_cnn(rng)
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    x = rng.normal(size=(1, 12, 12))
+    np.testing.assert_array_equal(again.forward(x), model.forward(x))
+    bad = (tmp_path / "m" / "model.json").read_text().replace('"dense"', '"lstm"')
+    (tmp_path / "m" / "model.json").write_text(bad)
+    with pytest.raises(ModelFormatError, match="unsupported op 'lstm'"):
+        load_model(tmp_path / "m")
