@@ -28,8 +28,8 @@ from heinfer.kernels.base import BuildContext, Kernel
 from heinfer.kernels.conv import RotationConv2d
 from heinfer.kernels.dense import DiagonalDense
 from heinfer.kernels.im2col import Im2colConv2d
-from heinfer.kernels.pool import SumPool2d
 from heinfer.kernels.poly import Poly2, Square
+from heinfer.kernels.pool import SumPool2d
 from heinfer.layout import Layout, layout_from_dict, layout_to_dict, unpack
 from heinfer.params import CKKSParams
 

@@ -1,4 +1,4 @@
-"""Plaintext numpy forward pass, one layer at a time: the oracle every HE kernel is checked against."""
+"""Plaintext numpy forward pass, one layer at a time: the oracle HE kernels are checked against."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def load_model(directory: str | Path) -> Model:
         op = entry["op"]
         if op not in SUPPORTED_OPS:
             raise ModelFormatError(
-                f"layer {entry['name']!r}: unsupported op {op!r}; supported: {sorted(SUPPORTED_OPS)}"
+                f"layer {entry['name']!r}: unsupported op {op!r}; "
+                f"supported: {sorted(SUPPORTED_OPS)}"
             )
         layer = Layer(entry["name"], op, dict(entry.get("attrs", {})))
         if op in OPS_WITH_WEIGHTS:

@@ -9,7 +9,9 @@ stores the seed of the uniformly random half instead of the half itself (about h
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,6 +38,7 @@ class _TempFiles:
     def __init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="heinfer-seal-")
         self._path = os.path.join(self._dir, "obj")
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
 
     def dump(self, obj) -> bytes:
         obj.save(self._path)

@@ -55,8 +55,6 @@ class RotationConv2d(Kernel):
                                      lay.row_stride * s, lay.col_stride * s, lay.offset)
         self.block = lay.block
         taps = [(di, dj) for di in range(kh) for dj in range(kw)]
-        tap_off = {(di, dj): (di - p) * lay.row_stride + (dj - p) * lay.col_stride
-                   for di, dj in taps}
         ii, jj = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
         # masks[go][(gi, r)] -> array (taps, slots)
         masks: list[dict[tuple[int, int], np.ndarray]] = [dict() for _ in range(

@@ -1,0 +1,101 @@
+"""First benchmark: TenSEAL's tutorial network run as the tutorial does it, the same network and
+weights through heinfer, and the CryptoNets-style model, all in one run on the same images.
+
+    .venv/bin/python -m bench.first_bench [--images 50] [--tutorial-images 10] [--quick]
+
+Prints a table with ratios against the tutorial measured in this run, and writes
+bench/results/first_bench.json. Not a test: figures are reported, never asserted (only sanity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.tenseal_tutorial import run_tutorial
+from heinfer_models import fashion_mnist, zoo
+from heinfer_models.evaluate import evaluate_encrypted
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _row(name: str, r: dict) -> str:
+    return (f"{name:<38}{r['server_ms_mean']:>10.1f}{r['encrypt_ms']:>9.1f}{r['decrypt_ms']:>8.1f}"
+            f"{r['upload_bytes'] / 1e3:>10.0f}{r['eval_key_bytes'] / 1e6:>9.1f}"
+            f"{r['max_logit_error']:>10.1e}{r['agreement']:>7.0%}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=50, help="images for heinfer runs")
+    ap.add_argument("--tutorial-images", type=int, default=10, help="images for the tutorial")
+    ap.add_argument("--quick", action="store_true", help="few images, for CI")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.tutorial_images = 3, 2
+
+    images, labels = fashion_mnist.load("test")
+    xs = fashion_mnist.normalize(images[: max(args.images, args.tutorial_images)])
+    tut_model = zoo.load("fmnist-tenseal-tutorial")
+    cn_model = zoo.load("fmnist-cryptonets")
+    results: dict[str, dict] = {}
+
+    xt = xs[: args.tutorial_images]
+    results["tutorial_default_threads"] = run_tutorial(zoo.model_dir("fmnist-tenseal-tutorial"),
+                                                       xt, None)
+    results["tutorial_1_thread"] = run_tutorial(zoo.model_dir("fmnist-tenseal-tutorial"), xt, 1)
+    for key in ("tutorial_default_threads", "tutorial_1_thread"):
+        r = results[key]
+        r["server_ms_mean"] = r["server_s"] * 1e3
+        r["encrypt_ms"] = r["client_encrypt_s"] * 1e3
+        r["decrypt_ms"] = r["client_decrypt_s"] * 1e3
+    profiles = {}
+    # heinfer_tutorial_net: one input ciphertext (upload below the tutorial's); the im2col
+    # variant trades upload for server time.
+    for key, model, conv, n in [("heinfer_tutorial_net", tut_model, "rotation", args.images),
+                                ("heinfer_tutorial_net_im2col", tut_model, "im2col",
+                                 args.images),
+                                ("heinfer_cryptonets", cn_model, "im2col", args.images),
+                                ("heinfer_cryptonets_small_upload", cn_model, "rotation",
+                                 max(2, args.images // 5))]:
+        res = evaluate_encrypted(model, xs[:n], first_conv=conv, progress=False)
+        results[key] = res.summary(labels[:n])
+        results[key]["op_counts"] = {k: [n_, s] for k, (n_, s) in res.op_counts.items()}
+        profiles[key] = res.op_table
+
+    base = results["tutorial_default_threads"]["server_ms_mean"]
+    base1 = results["tutorial_1_thread"]["server_ms_mean"]
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'configuration':<38}{'server ms':>10}{'enc ms':>9}{'dec ms':>8}{'upload KB':>10}"
+          f"{'keys MB':>9}{'max err':>10}{'agree':>7}")
+    for key, r in results.items():
+        print(_row(key, r))
+    ht = results["heinfer_tutorial_net"]["server_ms_mean"]
+    print(f"\nspeed-up of heinfer on the tutorial network (one input ciphertext): {base / ht:.1f}x "
+          f"vs the tutorial at default threads, {base1 / ht:.1f}x vs 1 thread")
+    tut = results["tutorial_default_threads"]
+    h = results["heinfer_tutorial_net"]
+    print(f"upload {h['upload_bytes'] / tut['upload_bytes']:.2f}x, keys "
+          f"{h['eval_key_bytes'] / tut['eval_key_bytes']:.2f}x, max logit error "
+          f"{h['max_logit_error'] / tut['max_logit_error']:.2f}x the tutorial's")
+    for key, table in profiles.items():
+        print(f"\nHE operations for one image, {key}:\n{table}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("first_bench_quick.json" if args.quick else "first_bench.json")
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+                               "results": results}, indent=1, default=float) + "\n")
+    print(f"\nwrote {out}")
+    sane = all(np.isfinite(r["server_ms_mean"]) and r["server_ms_mean"] > 0
+               for r in results.values())
+    return 0 if sane else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Encrypted evaluation of a model on images, with the figures users compare tools by.
+
+Both roles run in this process and share only bytes: the server object never sees the secret
+key. Used by the demo (`make demo`), the accuracy records and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from heinfer.backends import make_backend
+from heinfer.backends.base import EvalKeyBytes
+from heinfer.backends.counting import CountingBackend
+from heinfer.codec import encode_encrypt_bytes
+from heinfer.params import CKKSParams
+from heinfer.plan import CompiledPlan, Plan
+from heinfer_packing.lower import lower
+from heinfer_packing.modelfile import Model
+
+
+@dataclass
+class EncryptedEval:
+    plan: Plan
+    key_bytes: int
+    keygen_s: float
+    server_s: list[float] = field(default_factory=list)
+    encrypt_s: list[float] = field(default_factory=list)
+    decrypt_s: list[float] = field(default_factory=list)
+    upload_bytes: list[int] = field(default_factory=list)
+    download_bytes: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)
+    plain_logits: list[np.ndarray] = field(default_factory=list)
+    op_table: str = ""
+    op_counts: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return np.array([int(np.argmax(v)) for v in self.logits])
+
+    @property
+    def plain_predictions(self) -> np.ndarray:
+        return np.array([int(np.argmax(v)) for v in self.plain_logits])
+
+    @property
+    def agreement(self) -> float:
+        return float(np.mean(self.predictions == self.plain_predictions))
+
+    @property
+    def max_logit_error(self) -> float:
+        return float(max(np.abs(a - b).max() for a, b in zip(self.logits, self.plain_logits,
+                                                              strict=True)))
+
+    def accuracy(self, labels: np.ndarray) -> float:
+        return float(np.mean(self.predictions == np.asarray(labels)[: len(self.logits)]))
+
+    def summary(self, labels: np.ndarray | None = None) -> dict:
+        out = {
+            "images": len(self.logits),
+            "params": self.plan.params.describe(),
+            "input_layout": str(self.plan.input_layout),
+            "input_ciphertexts": self.plan.input_layout.n_ct,
+            "server_ms_mean": 1e3 * float(np.mean(self.server_s)),
+            "server_ms_median": 1e3 * float(np.median(self.server_s)),
+            "encrypt_ms": 1e3 * float(np.mean(self.encrypt_s)),
+            "decrypt_ms": 1e3 * float(np.mean(self.decrypt_s)),
+            "upload_bytes": int(np.mean(self.upload_bytes)),
+            "download_bytes": int(np.mean(self.download_bytes)),
+            "eval_key_bytes": self.key_bytes,
+            "keygen_s": self.keygen_s,
+            "max_logit_error": self.max_logit_error,
+            "agreement": self.agreement,
+        }
+        if labels is not None:
+            out["encrypted_accuracy"] = self.accuracy(labels)
+        return out
+
+
+def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
+                       params: CKKSParams | None = None, progress: bool = True,
+                       count_ops: bool = True) -> EncryptedEval:
+    plan = lower(model, params, first_conv=first_conv)
+    server_be = make_backend(plan.params)
+    compiled = CompiledPlan(plan, server_be)
+    spec = compiled.spec
+    client_be = make_backend(spec.params)
+    t = time.perf_counter()
+    keys = client_be.generate_keys(spec.rotation_steps)
+    keygen_s = time.perf_counter() - t
+    # the server gets the key bytes only, as over the wire
+    server_be.load_eval_keys(EvalKeyBytes(keys.relin_keys, keys.galois_keys,
+                                          keys.rotation_steps))
+    result = EncryptedEval(plan, keys.nbytes(), keygen_s)
+    for x in tqdm(xs, desc=f"encrypted {model.name}", unit="img", disable=not progress):
+        t0 = time.perf_counter()
+        body = encode_encrypt_bytes(client_be, spec, x)
+        t1 = time.perf_counter()
+        cts = [server_be.ciphertext_from_bytes(b) for b in body]
+        out = compiled.run(cts)
+        reply = [server_be.ciphertext_to_bytes(c) for c in out]
+        t2 = time.perf_counter()
+        logits = spec.decode([client_be.decrypt(client_be.ciphertext_from_bytes(b))
+                              for b in reply])
+        t3 = time.perf_counter()
+        result.encrypt_s.append(t1 - t0)
+        result.server_s.append(t2 - t1)
+        result.decrypt_s.append(t3 - t2)
+        result.upload_bytes.append(sum(map(len, body)))
+        result.download_bytes.append(sum(map(len, reply)))
+        result.logits.append(logits)
+        result.plain_logits.append(model.forward(x))
+    if count_ops and len(xs):
+        counter = CountingBackend(server_be)
+        compiled.run([server_be.ciphertext_from_bytes(b)
+                      for b in encode_encrypt_bytes(client_be, spec, xs[0])], counter)
+        result.op_table = counter.table()
+        result.op_counts = counter.by_op()
+    return result

@@ -1,0 +1,50 @@
+"""The shipped model, encrypted end to end at its real 128-bit parameters, on real test images."""
+
+import numpy as np
+import pytest
+
+from heinfer_models import fashion_mnist, zoo
+from heinfer_models.evaluate import evaluate_encrypted
+
+N_IMAGES = 8
+# Observed max logit error is about 1e-3 (key-switching noise of ~30 rotations at a 36-bit
+# special prime); logits are O(10). The bound is an order of magnitude above, far below what a
+# wrong layout or weight would give.
+LOGIT_BOUND = 2e-2
+
+
+@pytest.fixture(scope="module")
+def test_images():
+    images, labels = fashion_mnist.load("test")
+    return fashion_mnist.normalize(images[:N_IMAGES]), labels[:N_IMAGES]
+
+
+def test_fashion_mnist_is_the_real_data():
+    images, labels = fashion_mnist.load("test")
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+    train, _ = fashion_mnist.load("train")
+    assert train.shape == (60_000, 28, 28)
+
+
+@pytest.mark.parametrize("first_conv", ["im2col", "rotation"])
+def test_shipped_cryptonets_encrypted_matches_plaintext(test_images, first_conv):
+    xs, ys = test_images
+    model = zoo.load("fmnist-cryptonets")
+    n = N_IMAGES if first_conv == "im2col" else 2
+    res = evaluate_encrypted(model, xs[:n], first_conv=first_conv, progress=False,
+                             count_ops=False)
+    assert res.plan.params.security_bits() == 128
+    assert res.max_logit_error < LOGIT_BOUND
+    assert res.agreement == 1.0
+    # the client sends exactly the plan's input ciphertexts, seeded (about half a full one)
+    assert len(res.upload_bytes) == n
+    per_ct = res.upload_bytes[0] / res.plan.input_layout.n_ct
+    assert per_ct < 0.6 * 2 * 8192 * 6 * 8
+
+
+def test_recorded_accuracy_is_present_and_plausible():
+    model = zoo.load("fmnist-cryptonets")
+    acc = model.metadata["plaintext_accuracy"]
+    assert 0.80 < acc < 0.95  # CryptoNets-style nets on Fashion-MNIST
+    assert model.metadata.get("test_images") == 10_000
