@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.tenseal_tutorial import run_tutorial
+from heinfer.profile import format_profile
 from heinfer_models import fashion_mnist, zoo
 from heinfer_models.evaluate import evaluate_encrypted
 
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate_encrypted(model, xs[:n], first_conv=conv, progress=False)
         results[key] = res.summary(labels[:n])
         results[key]["op_counts"] = {k: [n_, s] for k, (n_, s) in res.op_counts.items()}
-        profiles[key] = res.op_table
+        profiles[key] = format_profile(res.layer_profile) + "\n" + res.op_table
+        results[key]["layers"] = res.layer_profile
 
     base = results["tutorial_default_threads"]["server_ms_mean"]
     base1 = results["tutorial_1_thread"]["server_ms_mean"]

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from heinfer.backends import make_backend
+from heinfer.backends import backend_for_spec, make_backend
 from heinfer.backends.base import EvalKeyBytes
 from heinfer.backends.counting import CountingBackend
 from heinfer.codec import encode_encrypt_bytes
 from heinfer.params import CKKSParams
 from heinfer.plan import CompiledPlan, Plan
+from heinfer.profile import profile_layers
 from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import Model
 
@@ -36,6 +37,8 @@ class EncryptedEval:
     plain_logits: list[np.ndarray] = field(default_factory=list)
     op_table: str = ""
     op_counts: dict[str, tuple[int, float]] = field(default_factory=dict)
+    layer_profile: list[dict] = field(default_factory=list)
+    backend: str = ""  # the spec's backend tag, e.g. "pyfhel/seal-4.1"
 
     @property
     def predictions(self) -> np.ndarray:
@@ -60,6 +63,7 @@ class EncryptedEval:
     def summary(self, labels: np.ndarray | None = None) -> dict:
         out = {
             "images": len(self.logits),
+            "backend": self.backend,
             "params": self.plan.params.describe(),
             "input_layout": str(self.plan.input_layout),
             "input_ciphertexts": self.plan.input_layout.n_ct,
@@ -81,19 +85,19 @@ class EncryptedEval:
 
 def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
                        params: CKKSParams | None = None, progress: bool = True,
-                       count_ops: bool = True) -> EncryptedEval:
+                       count_ops: bool = True, backend: str = "tenseal") -> EncryptedEval:
     plan = lower(model, params, first_conv=first_conv)
-    server_be = make_backend(plan.params)
+    server_be = make_backend(plan.params, backend)
     compiled = CompiledPlan(plan, server_be)
     spec = compiled.spec
-    client_be = make_backend(spec.params)
+    client_be = backend_for_spec(spec)  # the backend (and SEAL version) the spec names
     t = time.perf_counter()
     keys = client_be.generate_keys(spec.rotation_steps)
     keygen_s = time.perf_counter() - t
     # the server gets the key bytes only, as over the wire
     server_be.load_eval_keys(EvalKeyBytes(keys.relin_keys, keys.galois_keys,
                                           keys.rotation_steps))
-    result = EncryptedEval(plan, keys.nbytes(), keygen_s)
+    result = EncryptedEval(plan, keys.nbytes(), keygen_s, backend=spec.backend)
     for x in tqdm(xs, desc=f"encrypted {model.name}", unit="img", disable=not progress):
         t0 = time.perf_counter()
         body = encode_encrypt_bytes(client_be, spec, x)
@@ -113,9 +117,13 @@ def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
         result.logits.append(logits)
         result.plain_logits.append(model.forward(x))
     if count_ops and len(xs):
+        fresh = [server_be.ciphertext_from_bytes(b)
+                 for b in encode_encrypt_bytes(client_be, spec, xs[0])]
         counter = CountingBackend(server_be)
-        compiled.run([server_be.ciphertext_from_bytes(b)
-                      for b in encode_encrypt_bytes(client_be, spec, xs[0])], counter)
+        compiled.run(fresh, counter)
         result.op_table = counter.table()
         result.op_counts = counter.by_op()
+        fresh = [server_be.ciphertext_from_bytes(b)
+                 for b in encode_encrypt_bytes(client_be, spec, xs[0])]
+        result.layer_profile = profile_layers(compiled, fresh)
     return result

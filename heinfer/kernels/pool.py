@@ -29,9 +29,10 @@ class SumPool2d(Kernel):
             self.step(ctx, self.col)
             self.step(ctx, self.row)
         lay = in_layout
+        # replicas stay valid: pooled positions read only inside their own replica
         self.out_layout = GridLayout((c, ho, wo), lay.slots, lay.channels_per_ct, lay.block,
                                      lay.row_stride * stride, lay.col_stride * stride,
-                                     lay.offset)
+                                     lay.offset, lay.replicas, lay.replica_stride)
 
     def _sum_along(self, be: Backend, ct: Ciphertext, step: int) -> Ciphertext:
         acc, cur = be.copy(ct), ct

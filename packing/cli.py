@@ -1,0 +1,53 @@
+"""`heinfer-compile`: model in, plan and report out.
+
+    heinfer-compile fmnist-cryptonets --out plans/fmnist-cryptonets [--first-conv rotation]
+    heinfer-compile path/to/model_dir --out plans/mine
+
+Prints the report (per-layer layout, HE operation counts by level, predicted time when this
+machine is calibrated) and saves it next to the plan as `PREFIX.report.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from heinfer_packing.calibrate import calibration_path, load_or_calibrate
+from heinfer_packing.lower import lower
+from heinfer_packing.modelfile import load_model
+from heinfer_packing.report import report
+
+
+def _load(source: str):
+    path = Path(source)
+    if (path / "model.json").exists():
+        return load_model(path)
+    from heinfer_models import zoo
+
+    return zoo.load(source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="heinfer-compile", description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="model directory (model.json + weights.npz) or zoo name")
+    ap.add_argument("--out", help="plan path prefix (writes PREFIX.plan.json/.npz/.report.txt)")
+    ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"])
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure per-operation costs on this machine if not cached")
+    args = ap.parse_args(argv)
+    model = _load(args.model)
+    plan = lower(model, first_conv=args.first_conv)
+    cal = None
+    if args.calibrate or calibration_path(plan.params).exists():
+        cal = load_or_calibrate(plan.params)
+    text = report(plan, cal).to_text()
+    print(text)
+    if args.out:
+        json_path = plan.save(args.out)
+        Path(f"{args.out}.report.txt").write_text(text + "\n")
+        print(f"\nwrote {json_path}, {args.out}.plan.npz and {args.out}.report.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The compiler's report: per layer, the layout, HE operation counts by level, levels and the
+predicted time; totals for depth, ring, key and upload sizes and latency.
+
+Counts come from running the plan's kernels on the data-free `SymbolicBackend` (exact, instant);
+times from the per-operation calibration of this machine (`heinfer_packing.calibrate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from heinfer.backends.counting import CountingBackend
+from heinfer.backends.symbolic import SymbolicBackend
+from heinfer.plan import CompiledPlan, Plan
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_layout: str
+    level_in: int
+    level_out: int
+    ops: dict[tuple[str, int], int] = field(default_factory=dict)
+    predicted_ms: float | None = None
+
+    def count(self, op: str) -> int:
+        return sum(n for (o, _), n in self.ops.items() if o == op)
+
+
+@dataclass
+class PlanReport:
+    plan: Plan
+    layers: list[LayerReport]
+    rotation_steps: list[int]
+    calibration: dict | None
+
+    @property
+    def predicted_ms(self) -> float | None:
+        if self.calibration is None:
+            return None
+        return sum(layer.predicted_ms or 0.0 for layer in self.layers)
+
+    def key_bytes(self) -> int | None:
+        if self.calibration is None:
+            return None
+        s = self.calibration["sizes"]
+        return s["relin_key_bytes"] + s["galois_key_bytes"] * len(self.rotation_steps)
+
+    def upload_bytes(self) -> int | None:
+        if self.calibration is None:
+            return None
+        return self.calibration["sizes"]["seeded_ciphertext_bytes"] * self.plan.input_layout.n_ct
+
+    def to_text(self) -> str:
+        p = self.plan
+        lines = [f"plan {p.name} ({p.hash()}): {p.params.describe()}",
+                 f"input layout {p.input_layout} ({p.input_layout.n_ct} ciphertext(s))", "",
+                 f"| {'layer':<14}| {'output layout':<44}| lvl  | rot | mul_pt | mul | resc "
+                 f"| pred ms |",
+                 f"|{'-' * 15}|{'-' * 45}|------|-----|--------|-----|------|---------|"]
+        for r in self.layers:
+            pred = f"{r.predicted_ms:7.1f}" if r.predicted_ms is not None else "      -"
+            lines.append(
+                f"| {r.name:<14}| {r.out_layout[:44]:<44}| {r.level_in}->{r.level_out} "
+                f"| {r.count('rotate'):>3} | {r.count('multiply_plain'):>6} "
+                f"| {r.count('square') + r.count('multiply'):>3} | {r.count('rescale'):>4} "
+                f"| {pred} |")
+        lines.append("")
+        lines.append(f"depth {p.params.top_level - self.layers[-1].level_out}, ring degree "
+                     f"{p.params.poly_modulus_degree}, {len(self.rotation_steps)} rotation "
+                     f"steps {self.rotation_steps}")
+        if self.calibration is not None:
+            lines.append(f"evaluation keys {self.key_bytes() / 1e6:.1f} MB (seeded), upload "
+                         f"{self.upload_bytes() / 1e3:.0f} KB per image, predicted latency "
+                         f"{self.predicted_ms:.1f} ms (calibrated {self.calibration['date']})")
+        else:
+            lines.append("no calibration for these parameters: run "
+                         "`python -m heinfer_packing.calibrate` for predicted times and sizes")
+        return "\n".join(lines)
+
+
+def _op_name(op: str) -> str:
+    return op.removesuffix("_inplace")
+
+
+def predicted_ms(ops: dict[tuple[str, int], int], calibration: dict) -> float:
+    ms = calibration["ms"]
+    total = 0.0
+    for (op, level), n in ops.items():
+        total += n * ms.get(_op_name(op), {}).get(str(level), 0.0)
+    return total
+
+
+def report(plan: Plan, calibration: dict | None = None) -> PlanReport:
+    be = SymbolicBackend(plan.params)
+    compiled = CompiledPlan(plan, be)
+    counter = CountingBackend(be)
+    cts = [be.encrypt(None) for _ in range(plan.input_layout.n_ct)]
+    layers = []
+    for k in compiled.kernels:
+        counter.reset()
+        cts = k.run(counter, cts)
+        ops = {(op, lvl): n for (op, lvl), n in counter.counts.items()}
+        layers.append(LayerReport(k.name, str(k.out_layout), k.in_level, k.out_level, ops,
+                                  predicted_ms(ops, calibration) if calibration else None))
+    return PlanReport(plan, layers, compiled.spec.rotation_steps, calibration)
