@@ -45,6 +45,32 @@ def dense(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndar
     return out + bias if bias is not None else out
 
 
+def maxpool2d(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    c, h, w = x.shape
+    ho, wo = (h - kernel) // stride + 1, (w - kernel) // stride + 1
+    out = np.full((c, ho, wo), -np.inf)
+    for di in range(kernel):
+        for dj in range(kernel):
+            out = np.maximum(out, x[:, di : di + stride * ho : stride,
+                                    dj : dj + stride * wo : stride])
+    return out
+
+
+def batchnorm(x: np.ndarray, scale, bias, mean, var, eps: float) -> np.ndarray:
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    s = np.asarray(scale) / np.sqrt(np.asarray(var) + eps)
+    return (x - np.reshape(mean, shape)) * np.reshape(s, shape) + np.reshape(bias, shape)
+
+
+ACTIVATIONS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "tanh": np.tanh,
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "square": lambda x: x * x,
+}
+
+
 def forward_layer(layer: Any, x: np.ndarray) -> np.ndarray:
     """Apply one `packing.modelfile.Layer` to x."""
     a = layer.attrs
@@ -58,4 +84,12 @@ def forward_layer(layer: Any, x: np.ndarray) -> np.ndarray:
         return x.reshape(-1)
     if layer.op == "dense":
         return dense(x, layer.weight, layer.bias)
+    if layer.op == "maxpool2d":
+        return maxpool2d(x, a["kernel"], a.get("stride", a["kernel"]))
+    if layer.op == "activation":
+        return ACTIVATIONS[a["fn"]](x)
+    if layer.op == "batchnorm":
+        return batchnorm(x, a["scale"], a["bias"], a["mean"], a["var"], a.get("eps", 1e-5))
+    if layer.op == "dropout":
+        return x
     raise ValueError(f"unknown op {layer.op!r}")

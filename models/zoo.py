@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from heinfer.errors import ModelFormatError
 from heinfer_packing.modelfile import Model, load_model
 
 ZOO_DIR = Path(__file__).parent / "zoo"
@@ -17,7 +18,8 @@ def names() -> list[str]:
 def model_dir(name: str) -> Path:
     d = ZOO_DIR / name
     if not (d / "model.json").exists():
-        raise KeyError(f"no model {name!r} in the zoo; available: {names()}")
+        raise ModelFormatError(f"no model {name!r} in the zoo (and no model.json there); "
+                               f"available: {names()}")
     return d
 
 

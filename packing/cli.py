@@ -2,6 +2,7 @@
 
     heinfer-compile fmnist-cryptonets --out plans/fmnist-cryptonets [--first-conv rotation]
     heinfer-compile path/to/model_dir --out plans/mine
+    heinfer-compile model.onnx --calib-fmnist 512 --degree 2 --out plans/mine
 
 Prints the report (per-layer layout, HE operation counts by level, predicted time when this
 machine is calibrated) and saves it next to the plan as `PREFIX.report.txt`.
@@ -12,14 +13,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from heinfer_packing.calibrate import calibration_path, load_or_calibrate
 from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import load_model
 from heinfer_packing.report import report
+from heinfer_packing.rewrites import format_records, rewrite
 
 
 def _load(source: str):
     path = Path(source)
+    if path.suffix == ".onnx":
+        from heinfer_packing.onnx_import import load_onnx
+
+        return load_onnx(path)
     if (path / "model.json").exists():
         return load_model(path)
     from heinfer_models import zoo
@@ -34,8 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"])
     ap.add_argument("--calibrate", action="store_true",
                     help="measure per-operation costs on this machine if not cached")
+    ap.add_argument("--calib-fmnist", type=int, default=0, metavar="N",
+                    help="use N Fashion-MNIST training images (labelled) as calibration data")
+    ap.add_argument("--calib-npz", help="calibration data: npz with x (N, ...) and optional y")
+    ap.add_argument("--degree", type=int, default=2, help="degree of fitted activations")
     args = ap.parse_args(argv)
     model = _load(args.model)
+    calib_x = calib_y = None
+    if args.calib_npz:
+        with np.load(args.calib_npz) as data:
+            calib_x, calib_y = data["x"], data["y"] if "y" in data else None
+    elif args.calib_fmnist:
+        from heinfer_models import fashion_mnist
+
+        images, labels = fashion_mnist.load("train")
+        calib_x = fashion_mnist.normalize(images[: args.calib_fmnist])
+        calib_y = labels[: args.calib_fmnist]
+    model, records = rewrite(model, calib_x, calib_y, degree=args.degree)
+    rewrites_text = format_records(records)
+    print(f"HE-friendly rewrites of {model.name}:\n{rewrites_text}\n")
     plan = lower(model, first_conv=args.first_conv)
     cal = None
     if args.calibrate or calibration_path(plan.params).exists():
@@ -44,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         json_path = plan.save(args.out)
-        Path(f"{args.out}.report.txt").write_text(text + "\n")
+        Path(f"{args.out}.report.txt").write_text(rewrites_text + "\n\n" + text + "\n")
         print(f"\nwrote {json_path}, {args.out}.plan.npz and {args.out}.report.txt")
     return 0
 

@@ -18,6 +18,10 @@ npz under `L.weight` / `L.bias`. Supported ops and their tensors:
 | poly       | coeffs (c0 + c1 x + c2 x^2 + ...)      | -                                 |
 | flatten    | -                                      | -                                 |
 | dense      | -                                      | weight (out, in), bias (out)       |
+
+Before HE-friendly rewrites a model may also hold `maxpool2d` (kernel, stride), `activation`
+(fn: relu, sigmoid, tanh, silu, square), `batchnorm` (scale, bias, mean, var, eps as attrs) and
+`dropout`; `packing.rewrites` turns them into the ops above.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from heinfer.errors import ModelFormatError
 FORMAT_NAME = "heinfer-model"
 FORMAT_VERSION = 1
 OPS_WITH_WEIGHTS = {"conv2d", "dense"}
-SUPPORTED_OPS = {"conv2d", "avgpool2d", "poly", "flatten", "dense"}
+HE_OPS = {"conv2d", "avgpool2d", "poly", "flatten", "dense"}
+# Accepted in a model file but rewritten to HE_OPS by packing.rewrites before lowering.
+PLAIN_OPS = {"maxpool2d", "activation", "batchnorm", "dropout"}
+SUPPORTED_OPS = HE_OPS | PLAIN_OPS
 
 
 @dataclass
