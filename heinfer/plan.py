@@ -49,7 +49,8 @@ class ModelSpec(BaseModel):
     plan_format: int = PLAN_FORMAT_VERSION
     plan_hash: str
     heinfer_version: str = __version__
-    backend: str = "seal-4"
+    backend: str = Field(default="seal-4", description="backend and SEAL version of the server, "
+                         "e.g. 'tenseal/seal-4.3'; clients must match the SEAL version")
     params: CKKSParams
     input_shape: list[int]
     input_layout: dict[str, Any]
@@ -107,6 +108,7 @@ class Plan:
         return ModelSpec(
             name=self.name,
             plan_hash=self.hash(),
+            backend=getattr(backend, "wire_format", "seal-4"),  # e.g. "tenseal/seal-4.3"
             params=self.params,
             input_shape=list(self.input_shape),
             input_layout=layout_to_dict(self.input_layout),

@@ -19,6 +19,7 @@ import numpy as np
 import tenseal.sealapi as seal
 
 from heinfer.backends.base import Ciphertext, EvalKeyBytes, Plaintext, galois_element
+from heinfer.backends.sealwire import check_seal_bytes, wire_format
 from heinfer.errors import (
     DepthExhaustedError,
     MissingKeyError,
@@ -55,6 +56,8 @@ class TensealBackend:
     (`TensealBackend(params)` + `load_eval_keys`), with one on the client (`generate_keys`)."""
 
     name = "tenseal"
+    seal_version = tuple(int(v) for v in SEAL_VERSION.split("."))
+    wire_format = wire_format(name, seal_version)
 
     def __init__(self, params: CKKSParams):
         self.params = params
@@ -124,6 +127,10 @@ class TensealBackend:
 
     def load_eval_keys(self, keys: EvalKeyBytes) -> None:
         """Server side: load relinearization and Galois keys (seeded bytes from a client)."""
+        # foreign SEAL versions are refused before SEAL parses anything (docs/BACKENDS.md)
+        check_seal_bytes(keys.relin_keys, self.seal_version, self.name, "relinearization keys")
+        if keys.galois_keys:
+            check_seal_bytes(keys.galois_keys, self.seal_version, self.name, "Galois keys")
         try:
             self.relin_keys = self._files.load_into(seal.RelinKeys(), self.context,
                                                     keys.relin_keys)
@@ -144,6 +151,7 @@ class TensealBackend:
         return self._files.dump(self._secret_key)
 
     def load_secret_key(self, data: bytes) -> None:
+        check_seal_bytes(data, self.seal_version, self.name, "secret key")
         self._secret_key = self._files.load_into(seal.SecretKey(), self.context, data)
         self._encryptor = seal.Encryptor(self.context, self._secret_key)
         self._decryptor = seal.Decryptor(self.context, self._secret_key)
@@ -305,6 +313,7 @@ class TensealBackend:
         return self._files.dump(ct)
 
     def ciphertext_from_bytes(self, data: bytes) -> Ciphertext:
+        check_seal_bytes(data, self.seal_version, self.name, "ciphertext")
         try:
             ct = self._files.load_into(seal.Ciphertext(), self.context, data)
         except (RuntimeError, ValueError) as e:

@@ -1,0 +1,343 @@
+"""Backend over Pyfhel 3.5.0 (bundles Microsoft SEAL 4.1), the optional second backend.
+
+Same contract as `TensealBackend`: levels count down from `params.top_level` to 0,
+`encode(values, level, scale)` at an exact scale, `prime(level)` = the prime a rescale at that
+level drops, Galois keys only for the listed rotation steps, the same `heinfer.errors`.
+
+Pyfhel publishes no wheel for 3.5.0: build it with `scripts/build_pyfhel.sh --install`
+(see docs/BACKENDS.md). Differences from TenSEAL that its API imposes, all documented there:
+
+- Pyfhel exposes public-key encryption only and key generation into out-parameters, so nothing
+  it writes is *seeded*: fresh ciphertexts and evaluation keys are full size (about twice
+  TenSEAL's seeded bytes; both are zstd-compressed).
+- Pyfhel's own `mod_level` counter is advisory (a multiply bumps it, a rescale does not), so the
+  level here is read from SEAL itself: a ciphertext's serialized size without compression is
+  exactly `size * n * (level + 1)` words plus a header of fewer than `size * n` words.
+- Pyfhel encodes at the top of the chain only; `encode` mod-switches the plaintext down to the
+  requested level (dropping RNS limbs leaves the integers unchanged: the same plaintext SEAL
+  encodes at that level directly).
+- Its rotate() silently generates every power-of-two key when it has none: never reached here,
+  steps are checked against the loaded keys first.
+- Resuming a client needs the public key too (Pyfhel cannot encrypt with the secret key), so
+  `secret_key_bytes` frames both.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+from Pyfhel import PyCtxt, Pyfhel, PyPtxt
+
+from heinfer.backends.base import Ciphertext, EvalKeyBytes
+from heinfer.backends.sealwire import check_seal_bytes, read_seal_header, wire_format
+from heinfer.errors import (
+    DepthExhaustedError,
+    MissingKeyError,
+    ParamsMismatchError,
+    ScaleMismatchError,
+    SecretKeyError,
+    SerializationError,
+)
+from heinfer.params import CKKSParams
+
+COMPR = "zstd"  # what SEAL (and so TenSEAL's sealapi) writes by default
+# exceptions a C++ error in Pyfhel surfaces as (Cython's `except +` translation)
+_SEAL_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError, OSError, IndexError,
+                OverflowError)
+_SK_MAGIC = b"heinfer-pyfhel-sk1"
+
+
+class PyfhelPlain:
+    """A Pyfhel plaintext with the level and scale it was encoded for (opaque to kernels)."""
+
+    __slots__ = ("pt", "level", "scale")
+
+    def __init__(self, pt: PyPtxt, level: int, scale: float):
+        self.pt, self.level, self.scale = pt, level, scale
+
+
+class PyfhelBackend:
+    """CKKS over SEAL 4.1 via Pyfhel. Built without a secret key on the server
+    (`PyfhelBackend(params)` + `load_eval_keys`), with one on the client (`generate_keys`)."""
+
+    name = "pyfhel"
+
+    def __init__(self, params: CKKSParams):
+        self.params = params
+        self.he = Pyfhel()
+        with warnings.catch_warnings():
+            # Pyfhel warns when the default scale is not a sum of prime sizes; heinfer encodes
+            # every plaintext at an explicit scale anyway
+            warnings.simplefilter("ignore")
+            status = self.he.contextGen(
+                scheme="CKKS", n=params.poly_modulus_degree, scale=params.scale,
+                qi_sizes=list(params.coeff_mod_bits), sec=0 if params.insecure else 128)
+        status = status.decode() if isinstance(status, bytes) else str(status)
+        if not status.startswith("success"):
+            raise ParamsMismatchError(f"SEAL (Pyfhel) rejected {params.describe()}: {status}")
+        # chain order: q0 .. q_{L-1}, special; a rescale at level l drops q_l
+        self._primes = [int(q) for q in self.he.get_qi()]
+        # the SEAL version Pyfhel was built with, read from the header of an object it writes
+        probe = self.he.encodeFrac(np.zeros(1), scale=2.0).to_bytes(COMPR)
+        self.seal_version = read_seal_header(probe, "probe").version
+        self.wire_format = wire_format(self.name, self.seal_version)
+        self._n = params.poly_modulus_degree
+        self.rotation_steps: set[int] = set()
+        self._has_relin = False
+        self._has_galois = False
+        self._has_sk = False
+        self._has_pk = False
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.params.slots
+
+    def level(self, ct: Ciphertext) -> int:
+        # SEAL's save size without compression: header fields + size * n * k words
+        words = ct.sizeof_ciphertext("none") // 8
+        return words // (ct.size() * self._n) - 1
+
+    def scale_of(self, ct: Ciphertext) -> float:
+        return ct.scale
+
+    def prime(self, level: int) -> int:
+        if not 0 <= level <= self.params.top_level:
+            raise DepthExhaustedError(f"no level {level} in {self.params.describe()}")
+        return self._primes[level]
+
+    # -- keys -----------------------------------------------------------------------------
+    def generate_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
+        """Client side: make a secret key and the evaluation keys for exactly these steps."""
+        self.he.keyGen()
+        self.he.relinKeyGen()
+        steps = sorted({s % self.slots for s in rotation_steps} - {0})
+        self._has_sk = self._has_pk = self._has_relin = True
+        galois = b""
+        if steps:  # an empty list would make Pyfhel generate every power-of-two key
+            self.he.rotateKeyGen(steps)
+            galois = self.he.to_bytes_rotate_key(COMPR)
+        self._has_galois = bool(steps)
+        self.rotation_steps = set(steps)
+        relin = self.he.to_bytes_relin_key(COMPR)
+        # the client can evaluate too (tests, local runs): its keys are already loaded
+        return EvalKeyBytes(relin_keys=relin, galois_keys=galois, rotation_steps=steps)
+
+    def load_eval_keys(self, keys: EvalKeyBytes) -> None:
+        """Server side: load relinearization and Galois keys (bytes from a client)."""
+        check_seal_bytes(keys.relin_keys, self.seal_version, self.name, "relinearization keys")
+        if keys.galois_keys:
+            check_seal_bytes(keys.galois_keys, self.seal_version, self.name, "Galois keys")
+        # Pyfhel drops the keys it holds before loading new ones: a failed load leaves none
+        self._has_relin = self._has_galois = False
+        self.rotation_steps = set()
+        try:
+            self.he.from_bytes_relin_key(bytes(keys.relin_keys))
+            self._has_relin = True
+            if keys.galois_keys:
+                self.he.from_bytes_rotate_key(bytes(keys.galois_keys))
+                self._has_galois = True
+        except _SEAL_ERRORS as e:
+            raise ParamsMismatchError(
+                f"evaluation keys do not load under {self.params.describe()}: {e}"
+            ) from e
+        self.rotation_steps = {s % self.slots for s in keys.rotation_steps} - {0}
+
+    def secret_key_bytes(self) -> bytes:
+        """The secret key (framed with the public key Pyfhel needs to encrypt), only when
+        asked for by name: the client stores it locally."""
+        if not self._has_sk:
+            raise SecretKeyError("this backend holds no secret key")
+        sk = self.he.to_bytes_secret_key(COMPR)
+        pk = self.he.to_bytes_public_key(COMPR)
+        return _SK_MAGIC + struct.pack("<QQ", len(sk), len(pk)) + sk + pk
+
+    def load_secret_key(self, data: bytes) -> None:
+        head = len(_SK_MAGIC) + 16
+        if len(data) < head or not data.startswith(_SK_MAGIC):
+            raise SerializationError("not a secret key written by the pyfhel backend")
+        n_sk, n_pk = struct.unpack_from("<QQ", data, len(_SK_MAGIC))
+        if head + n_sk + n_pk != len(data):
+            raise SerializationError("secret key bytes truncated or padded")
+        sk, pk = data[head: head + n_sk], data[head + n_sk:]
+        check_seal_bytes(sk, self.seal_version, self.name, "secret key")
+        check_seal_bytes(pk, self.seal_version, self.name, "public key")
+        try:
+            self.he.from_bytes_secret_key(sk)
+            self.he.from_bytes_public_key(pk)
+        except _SEAL_ERRORS as e:
+            raise ParamsMismatchError(
+                f"secret key does not load under {self.params.describe()}: {e}") from e
+        self._has_sk = self._has_pk = True
+
+    @property
+    def has_secret_key(self) -> bool:
+        return self._has_sk
+
+    # -- encode / encrypt / decrypt ------------------------------------------------------
+    def encode(self, values: np.ndarray, level: int, scale: float) -> PyfhelPlain:
+        values = np.asarray(values)
+        if values.shape != (self.slots,):
+            raise ValueError(f"encode expects {self.slots} slot values, got {values.shape}")
+        if not 0 <= level <= self.params.top_level:
+            raise DepthExhaustedError(f"no level {level} in {self.params.describe()}")
+        # SEAL refuses a scale too large for the level with ValueError, as under TenSEAL
+        if np.iscomplexobj(values):
+            pt = self.he.encodeComplex(np.ascontiguousarray(values, dtype=complex),
+                                       scale=float(scale))
+        else:
+            pt = self.he.encodeFrac(np.ascontiguousarray(values, dtype=np.float64),
+                                    scale=float(scale))
+        for _ in range(self.params.top_level - level):
+            self.he.mod_switch_to_next_ptxt(pt, in_new_ptxt=False)
+        return PyfhelPlain(pt, level, float(scale))
+
+    def _require_pk(self, what: str) -> None:
+        if not self._has_pk:
+            raise SecretKeyError(f"{what} needs the client's keys")
+
+    def encrypt(self, values: np.ndarray) -> Ciphertext:
+        """Encryption at the top level and default scale (public-key: Pyfhel has no
+        symmetric, seeded encryption)."""
+        self._require_pk("encryption")
+        pt = self.encode(values, self.params.top_level, self.params.scale)
+        return self.he.encryptPtxt(pt.pt)
+
+    def encrypt_to_bytes(self, values: np.ndarray) -> bytes:
+        """Encrypt and serialize (zstd; full size, not seeded)."""
+        return self.ciphertext_to_bytes(self.encrypt(values))
+
+    def decrypt(self, ct: Ciphertext) -> np.ndarray:
+        if not self._has_sk:
+            raise SecretKeyError("decryption needs the client's secret key")
+        return np.asarray(self.he.decryptFrac(ct), dtype=np.float64)[: self.slots]
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _check_same(self, a: Ciphertext, b, what: str) -> None:
+        la = self.level(a)
+        if isinstance(b, PyfhelPlain):
+            lb, sb = b.level, b.scale
+        else:
+            lb, sb = self.level(b), b.scale
+        if la != lb:
+            raise ScaleMismatchError(f"{what}: operands at levels {la} and {lb}; mod-switch the "
+                                     "higher one down first")
+        sa = a.scale
+        if abs(sa - sb) > 1e-6 * max(sa, sb):
+            raise ScaleMismatchError(
+                f"{what}: scales 2^{np.log2(sa):.4f} and 2^{np.log2(sb):.4f} differ; encode the "
+                "plaintext at the ciphertext's scale or rescale both the same way"
+            )
+
+    def _check_room(self, level: int, scale: float, what: str) -> None:
+        bits = sum(self.params.coeff_mod_bits[: level + 1])
+        if np.log2(scale) >= bits - 1:
+            raise DepthExhaustedError(
+                f"{what}: result scale 2^{np.log2(scale):.1f} needs more than the {bits} bits "
+                f"left at level {level}; the plan is deeper than the modulus chain "
+                f"({self.params.describe()}). Add primes, use a larger ring, or reduce depth."
+            )
+
+    def add(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        self._check_same(a, b, "add")
+        return self.he.add(a, b, in_new_ctxt=True)
+
+    def add_inplace(self, a: Ciphertext, b: Ciphertext) -> None:
+        self._check_same(a, b, "add")
+        self.he.add(a, b)
+
+    def sub(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        self._check_same(a, b, "sub")
+        return self.he.sub(a, b, in_new_ctxt=True)
+
+    def add_plain_inplace(self, a: Ciphertext, p: PyfhelPlain) -> None:
+        self._check_same(a, p, "add_plain")
+        self.he.add_plain(a, p.pt)
+
+    def multiply_plain(self, a: Ciphertext, p: PyfhelPlain) -> Ciphertext:
+        level = self.level(a)
+        if p.level != level:
+            raise ScaleMismatchError(
+                f"multiply_plain: plaintext encoded for another level than the ciphertext's "
+                f"({level})"
+            )
+        self._check_room(level, a.scale * p.scale, "multiply_plain")
+        return self.he.multiply_plain(a, p.pt, in_new_ctxt=True)
+
+    def _require_relin(self) -> None:
+        if not self._has_relin:
+            raise MissingKeyError("ciphertext multiplication needs relinearization keys")
+
+    def multiply(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
+        self._require_relin()
+        la, lb = self.level(a), self.level(b)
+        if la != lb:
+            raise ScaleMismatchError(f"multiply: operands at levels {la} and {lb}")
+        self._check_room(la, a.scale * b.scale, "multiply")
+        out = self.he.multiply(a, b, in_new_ctxt=True)
+        self.he.relinearize(out)
+        return out
+
+    def square(self, a: Ciphertext) -> Ciphertext:
+        self._require_relin()
+        self._check_room(self.level(a), a.scale * a.scale, "square")
+        out = self.he.square(a, in_new_ctxt=True)
+        self.he.relinearize(out)
+        return out
+
+    def rescale_inplace(self, a: Ciphertext) -> None:
+        level = self.level(a)
+        if level == 0:
+            raise DepthExhaustedError(
+                f"rescale at level 0: the computation needs more multiplicative depth than "
+                f"{self.params.describe()} offers; add data primes or reduce the plan's depth"
+            )
+        if a.scale / self.prime(level) < 2.0:
+            raise ScaleMismatchError(
+                f"rescale would drop the scale 2^{np.log2(a.scale):.1f} below 1 (prime "
+                f"2^{np.log2(self.prime(level)):.1f}); multiply before rescaling"
+            )
+        self.he.rescale_to_next(a)
+
+    def mod_switch_to_inplace(self, a: Ciphertext, level: int) -> None:
+        current = self.level(a)
+        if level > current:
+            raise ScaleMismatchError(f"cannot mod-switch up from level {current} to {level}")
+        if level < 0:
+            raise DepthExhaustedError(f"no level {level} in {self.params.describe()}")
+        for _ in range(current - level):
+            self.he.mod_switch_to_next_ctxt(a)
+
+    def rotate(self, a: Ciphertext, step: int) -> Ciphertext:
+        step %= self.slots
+        if step == 0:
+            return self.copy(a)
+        if not self._has_galois or step not in self.rotation_steps:
+            raise MissingKeyError(
+                f"no Galois key for rotation step {step}; keys were made for steps "
+                f"{sorted(self.rotation_steps)}"
+            )
+        return self.he.rotate(a, step, in_new_ctxt=True)
+
+    def copy(self, a: Ciphertext) -> Ciphertext:
+        return a.copy()
+
+    # -- bytes ----------------------------------------------------------------------------
+    def ciphertext_to_bytes(self, ct: Ciphertext) -> bytes:
+        return ct.to_bytes(COMPR)
+
+    def ciphertext_from_bytes(self, data: bytes) -> Ciphertext:
+        check_seal_bytes(data, self.seal_version, self.name, "ciphertext")
+        ct = PyCtxt(pyfhel=self.he)
+        try:
+            ct.from_bytes(bytes(data), "CKKS")
+        except _SEAL_ERRORS as e:
+            raise SerializationError(
+                f"not a ciphertext for {self.params.describe()}: {e}"
+            ) from e
+        if not 0 <= self.level(ct) <= self.params.top_level:
+            raise ParamsMismatchError("ciphertext made under other parameters")
+        return ct
