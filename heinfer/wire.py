@@ -229,7 +229,9 @@ def parse_header(body: bytes | bytearray | memoryview, *, expected_kind: Kind | 
                   expected_count=expected_count, max_item_bytes=max_item_bytes)
 
 
-def read_header(f: BinaryIO, total_size: int, **checks) -> Frame:
+def read_header(f: BinaryIO, total_size: int, *, expected_kind: Kind | None = None,
+                expected_count: int | None = None,
+                max_item_bytes: int | dict[Section, int] | None = None) -> Frame:
     """Like `parse_header` for a file of `total_size` bytes: reads only the header and table."""
     kind, count = _parse_fixed_header(f.read(HEADER_SIZE))
     table = f.read(ENTRY_SIZE * count)
@@ -241,7 +243,8 @@ def read_header(f: BinaryIO, total_size: int, **checks) -> Frame:
         if r1 or r2:
             raise WireError(f"reserved fields of section {i} are not zero")
         entries.append((t, length))
-    return _check(kind, entries, total_size, **checks)
+    return _check(kind, entries, total_size, expected_kind=expected_kind,
+                  expected_count=expected_count, max_item_bytes=max_item_bytes)
 
 
 def payloads(body: bytes | bytearray | memoryview, frame: Frame) -> list[bytes]:

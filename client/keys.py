@@ -1,0 +1,102 @@
+"""Client key material for one model spec: a backend holding the secret key, and the public
+evaluation keys framed for upload (relinearization + Galois keys for exactly the spec's
+rotation steps, seeded: about half the bytes of unseeded keys).
+
+Evaluation keys are derived from the secret key: a reused secret key (from the key store) makes
+fresh evaluation keys on demand, so only the small secret key is kept on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from heinfer import wire
+from heinfer.backends.base import galois_element
+from heinfer.backends.sealwire import check_spec_backend
+from heinfer.backends.tenseal_backend import TensealBackend
+from heinfer.codec import encode_encrypt_bytes
+from heinfer.plan import ModelSpec
+
+
+def check_backend(spec: ModelSpec) -> None:
+    """The SDK makes keys with TenSEAL (SEAL 4.3); SEAL loads data only from its own
+    major.minor, so a spec naming another backend/version is refused before any key is made."""
+    check_spec_backend(spec.backend, TensealBackend.name, TensealBackend.seal_version)
+
+
+def _dump(obj) -> bytes:
+    """sealapi saves to paths only."""
+    fd, path = tempfile.mkstemp(prefix="heinfer-client-")
+    os.close(fd)
+    try:
+        obj.save(path)
+        return Path(path).read_bytes()
+    finally:
+        os.unlink(path)
+
+
+class LocalKeys:
+    """Secret-key side of one session: encrypt inputs, decrypt outputs, make evaluation keys.
+    Thread-safe (one lock): the backend's temporary files are not."""
+
+    def __init__(self, spec: ModelSpec, secret_key: bytes | None = None):
+        check_backend(spec)
+        self.spec = spec
+        self.backend = TensealBackend(spec.params)
+        self._lock = threading.Lock()
+        self._eval_wire: bytes | None = None
+        if secret_key is None:
+            keys = self.backend.generate_keys(spec.rotation_steps)
+            self._eval_wire = wire.encode_eval_keys(keys.relin_keys, keys.galois_keys)
+        else:
+            self.backend.load_secret_key(secret_key)
+
+    def secret_key_bytes(self) -> bytes:
+        """Only for the local key store."""
+        return self.backend.secret_key_bytes()
+
+    def eval_keys_wire(self) -> bytes:
+        """The upload body for POST /v1/sessions: public material only."""
+        with self._lock:
+            if self._eval_wire is None:
+                fd, path = tempfile.mkstemp(prefix="heinfer-sk-")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(self.backend.secret_key_bytes())
+                    sk = seal.SecretKey()
+                    sk.load(self.backend.context, path)
+                finally:
+                    os.unlink(path)
+                keygen = seal.KeyGenerator(self.backend.context, sk)
+                n = self.spec.params.poly_modulus_degree
+                steps = sorted({s % self.backend.slots for s in self.spec.rotation_steps} - {0})
+                relin = _dump(keygen.create_relin_keys())
+                galois = (_dump(keygen.create_galois_keys([galois_element(s, n) for s in steps]))
+                          if steps else b"")
+                self._eval_wire = wire.encode_eval_keys(relin, galois)
+            return self._eval_wire
+
+    def drop_eval_keys(self) -> None:
+        """Free the (large) evaluation keys once uploaded."""
+        with self._lock:
+            self._eval_wire = None
+            self.backend.relin_keys = self.backend.galois_keys = None
+
+    def encode_encrypt(self, x: np.ndarray) -> bytes:
+        """Pack x in the spec's input layout, encrypt (seeded), frame for the wire."""
+        with self._lock:
+            return wire.encode_ciphertexts(encode_encrypt_bytes(self.backend, self.spec, x))
+
+    def decrypt_decode(self, body: bytes, max_item_bytes: int | None = None) -> np.ndarray:
+        """Unframe output ciphertexts, decrypt, read the outputs from their layout."""
+        items = wire.decode_ciphertexts(body, max_item_bytes=max_item_bytes)
+        with self._lock:
+            vectors = [self.backend.decrypt(self.backend.ciphertext_from_bytes(b))
+                       for b in items]
+        return self.spec.decode(vectors)

@@ -1,0 +1,3 @@
+from heinfer_server.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Predict: the session's keys + ciphertexts in the model's input layout -> output ciphertexts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from heinfer import wire
+from heinfer_server import store as st
+from heinfer_server import workers
+from heinfer_server.api.deps import ApiKeyDep, StateDep
+from heinfer_server.api.routes.models import get_model_or_404
+from heinfer_server.api.schemas import binary_body, problems
+from heinfer_server.bodies import BINARY, read_limited, require_binary
+from heinfer_server.errors import ApiError
+
+router = APIRouter(prefix="/models", tags=["predict"])
+
+
+@router.post(
+    "/{name}/predict",
+    response_class=Response,
+    openapi_extra=binary_body("input ciphertexts: heinfer wire CIPHERTEXTS with exactly "
+                              "limits.input_ciphertexts items, in the spec's input layout"),
+    responses={200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "output ciphertexts, heinfer wire CIPHERTEXTS"},
+               **problems(400, 401, 404, 409, 410, 413, 415, 503, 504)},
+)
+async def predict(
+    name: str, request: Request, state: StateDep, principal: ApiKeyDep,
+    session_id: Annotated[str, Query(description="from POST /v1/sessions")],
+    plan_hash: Annotated[str | None, Query(description="plan hash the client's keys were "
+                                                       "made for")] = None,
+) -> Response:
+    """Evaluate the model on encrypted input. No side effects: safe to retry."""
+    model = get_model_or_404(state, name)
+    session = state.owned_session(principal, session_id)
+    if session.model != model.name:
+        raise ApiError("session_model_mismatch", f"session {session_id} holds keys for model "
+                       f"{session.model!r}, not {name!r}")
+    if plan_hash is not None and plan_hash != model.plan_hash:
+        raise ApiError("plan_mismatch", f"client pinned plan {plan_hash}; model {name} now "
+                       f"serves plan {model.plan_hash}")
+    if session.plan_hash != model.plan_hash:
+        raise ApiError("plan_mismatch", f"session {session_id} has keys for plan "
+                       f"{session.plan_hash}; model {name} now serves plan {model.plan_hash}: "
+                       "fetch the spec and create a new session")
+    require_binary(request)
+    item_limit = state.ciphertext_limit(model)
+    body = await read_limited(request, state.predict_body_limit(model), "predict body")
+    state.metrics.bytes_in.labels("/v1/models/{name}/predict").inc(len(body))
+    wire.parse_header(body, expected_kind=wire.Kind.CIPHERTEXTS, expected_count=model.n_inputs,
+                      max_item_bytes=item_limit)
+    job = workers.PredictJob(model.name, str(state.store.path(model.plan_path)),
+                             model.plan_hash, session.id,
+                             str(state.store.path(session.key_dir)), body, model.n_inputs,
+                             item_limit)
+    out, seconds = await state.pool.run(workers.predict, job,
+                                        timeout=state.settings.request_timeout_s)
+    state.metrics.he_seconds.labels(model.name).observe(seconds)
+    state.metrics.bytes_out.labels("/v1/models/{name}/predict").inc(len(out))
+    st.touch_session(state.store, session_id=session.id)
+    return Response(out, media_type=BINARY,
+                    headers={"X-Heinfer-Eval-Ms": f"{seconds * 1e3:.2f}"})

@@ -1,0 +1,188 @@
+"""The FastAPI application: `create_app(settings)`.
+
+Start-up (lifespan): open the store and recover from a crash (uploads in progress dropped,
+orphan files removed), load API keys, start the worker pool in the background (liveness
+answers at once, readiness once workers run and preloaded plans are in), and a sweeper that
+expires idle sessions. Shutdown stops the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+
+from heinfer import __version__
+from heinfer_server import errors
+from heinfer_server import store as st
+from heinfer_server.api.main import api_router
+from heinfer_server.bodies import DRAIN_CAP
+from heinfer_server.logs import request_id_var
+from heinfer_server.metrics import Metrics
+from heinfer_server.settings import Settings
+from heinfer_server.state import ServerState, load_keys
+from heinfer_server.workers import EvalPool
+
+log = logging.getLogger("heinfer.server")
+RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+DESCRIPTION = """Encrypted inference over CKKS. The secret key never leaves the client.
+
+Flow: `GET /v1/models/{name}` (public spec) -> client makes keys -> `POST /v1/sessions`
+(evaluation keys, binary) -> `POST /v1/models/{name}/predict` (ciphertexts, binary) -> client
+decrypts. Binary bodies use the heinfer wire framing (module `heinfer.wire`). Errors are
+`application/problem+json` with a stable `code`. Authenticate with `Authorization: Bearer KEY`.
+"""
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id, metrics by route template, one JSON log line per
+    request, problem+json for anything unhandled, and draining of unread request bodies before
+    an error response (a client still uploading then reads the error, not a broken pipe)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if RID_RE.match(incoming) else uuid.uuid4().hex
+        request_id_var.set(rid)
+        t0 = time.perf_counter()
+        status = 500
+        started = False
+        body_done = False
+
+        async def receive_wrapper():
+            nonlocal body_done
+            msg = await receive()
+            if msg["type"] == "http.disconnect" or (
+                    msg["type"] == "http.request" and not msg.get("more_body", False)):
+                body_done = True
+            return msg
+
+        async def send_wrapper(msg):
+            nonlocal status, started
+            if msg["type"] == "http.response.start":
+                status, started = msg["status"], True
+                MutableHeaders(scope=msg).append("X-Request-Id", rid)
+                drained = 0
+                while status >= 400 and not body_done and drained <= DRAIN_CAP:
+                    drained += len((await receive_wrapper()).get("body", b""))
+            await send(msg)
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:  # the last resort: still a problem+json with the request id
+            err = errors.classify(exc)
+            status = err.status
+            if not started:
+                resp = JSONResponse(errors.problem_body(err, rid), status_code=err.status,
+                                    media_type="application/problem+json")
+                await resp(scope, receive_wrapper, send_wrapper)
+        finally:
+            path = _route_label(scope)
+            seconds = time.perf_counter() - t0
+            if path != "/metrics":
+                self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+                self.metrics.latency.labels(path, scope["method"]).observe(seconds)
+            log.info("request", extra={"method": scope["method"], "route": path,
+                                       "path": scope.get("path"), "status": status,
+                                       "ms": round(seconds * 1e3, 2)})
+
+
+def _route_label(scope) -> str:
+    """The matched route's template with its mount prefix (`/v1/models/{name}/predict`):
+    bounded label values, whatever paths callers send."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not template:
+        return "unmatched"
+    rendered = template
+    for key, value in (scope.get("path_params") or {}).items():
+        rendered = rendered.replace("{" + key + "}", str(value))
+    path = scope.get("path", "")
+    prefix = path[: len(path) - len(rendered)] if path.endswith(rendered) else ""
+    return prefix + template
+
+
+async def _background_start(state: ServerState) -> None:
+    try:
+        await state.pool.warm_up()
+        from heinfer_server.api.routes.models import install_plan
+
+        for path in state.settings.plan_paths():
+            row, created = await install_plan(state, path, name=None, replace=True)
+            log.info("plan preloaded", extra={"model": row.name, "plan_hash": row.plan_hash,
+                                              "new": created})
+        state.preload_done = True
+        log.info("ready", extra={"workers": state.pool.workers})
+    except Exception as e:
+        state.startup_error = f"{type(e).__name__}: {e}"
+        log.exception("start-up failed; the server stays not ready")
+
+
+async def _sweeper(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(state.settings.sweep_interval_s)
+        try:
+            n = await asyncio.to_thread(state.sweep)
+            if n:
+                log.info("idle sessions expired", extra={"count": n})
+        except Exception:
+            log.exception("sweep failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = st.Store(settings.data_dir)
+        recovered = st.recover(store)
+        pool = EvalPool(workers=settings.workers, max_queue=settings.max_queue,
+                        start_method=settings.mp_start_method,
+                        cache_models=settings.worker_cache_models,
+                        cache_sessions=settings.worker_cache_sessions, metrics=metrics)
+        state = ServerState(settings, store, pool, metrics, load_keys(settings, store))
+        state.sweep()
+        metrics.models.set(len(st.list_models(store)))
+        app.state.heinfer = state
+        log.info("starting", extra={"data_dir": str(store.data_dir), "recovered": recovered,
+                                    "models": [m.name for m in st.list_models(store)],
+                                    "workers": settings.workers})
+        tasks = [asyncio.create_task(_background_start(state)),
+                 asyncio.create_task(_sweeper(state))]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            pool.shutdown()
+
+    app = FastAPI(title="heinfer", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan, docs_url="/docs", openapi_url="/openapi.json")
+    errors.install(app)
+    app.add_middleware(RequestContext, metrics=metrics)
+    app.include_router(api_router, prefix="/v1")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        data, ctype = metrics.render()
+        return Response(data, media_type=ctype)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> dict:
+        return {"service": "heinfer", "version": __version__, "docs": "/docs", "api": "/v1"}
+
+    return app

@@ -1,0 +1,69 @@
+"""`heinfer serve`: flags override HEINFER_* environment variables; uvicorn runs the app.
+
+One uvicorn process serves HTTP (async: streaming bodies, SQLite, framing checks); HE work runs
+in its process pool (`--workers`). uvicorn's own `--workers` is not used: the queue bound and
+metrics live in the one API process. TLS: `--ssl-certfile/--ssl-keyfile` (uvicorn's options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+FLAGS = [  # (flag, settings field, type, help)
+    ("--data-dir", "data_dir", str, "data directory (SQLite + files)"),
+    ("--host", "host", str, "bind address"),
+    ("--port", "port", int, "TCP port"),
+    ("--workers", "workers", int, "HE worker processes (default: cores)"),
+    ("--max-queue", "max_queue", int, "waiting requests beyond busy workers"),
+    ("--request-timeout", "request_timeout_s", float, "seconds of HE work per request"),
+    ("--session-ttl", "session_idle_ttl_s", float, "idle seconds before a session expires"),
+    ("--max-key-bytes", "max_key_bytes", int, "largest evaluation-key upload"),
+    ("--plan", "preload_plans", str, "plan file(s) to serve, comma separated"),
+    ("--ssl-certfile", "ssl_certfile", str, "TLS certificate (PEM)"),
+    ("--ssl-keyfile", "ssl_keyfile", str, "TLS private key (PEM)"),
+    ("--log-level", "log_level", str, "debug, info, warning, error"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="heinfer serve", description=__doc__.splitlines()[0])
+    for flag, dest, typ, help_ in FLAGS:
+        ap.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    ap.add_argument("--allow-insecure-params", dest="allow_insecure_params",
+                    action="store_true", default=None,
+                    help="accept plans with insecure test parameters (tests only)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        import uvicorn
+
+        from heinfer_server import logs
+        from heinfer_server.app import create_app
+        from heinfer_server.settings import Settings
+    except ImportError as e:  # the client can be installed without the server extra
+        print(f"heinfer serve needs the server extra: pip install 'heinfer[server]' ({e})",
+              file=sys.stderr)
+        return 2
+    try:
+        settings = Settings(**overrides)
+    except (ValidationError, ValueError, OSError) as e:
+        print(f"heinfer serve: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+                ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+                log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                server_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""What one running server holds: settings, store, worker pool, metrics and the API keys.
+
+API keys are checked against SHA-256 hashes kept in memory (loaded at start from SQLite, where
+configured keys are upserted and generated keys live). A key's principal (`c_…` for clients,
+`a_…` for admins) is derived from its hash, so sessions stay with a key across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+from heinfer import wire
+from heinfer_server import store as st
+from heinfer_server.errors import ApiError
+from heinfer_server.metrics import Metrics
+from heinfer_server.settings import Settings
+from heinfer_server.workers import EvalPool
+
+log = logging.getLogger("heinfer.server")
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    name: str
+    role: str  # "admin" | "client"
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    store: st.Store
+    pool: EvalPool
+    metrics: Metrics
+    keys: dict[str, Principal] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    preload_done: bool = False
+    startup_error: str | None = None
+
+    def authenticate(self, token: str) -> Principal | None:
+        return self.keys.get(st.key_hash(token))
+
+    # -- limits derived from a model's parameters ---------------------------------------------
+    @staticmethod
+    def ciphertext_limit(model: st.ModelRow) -> int:
+        p = model.spec["params"]
+        return wire.ciphertext_bytes_bound(p["poly_modulus_degree"], len(p["coeff_mod_bits"]) - 1)
+
+    def predict_body_limit(self, model: st.ModelRow) -> int:
+        return wire.frame_size_bound(model.n_inputs, self.ciphertext_limit(model))
+
+    # -- sessions -------------------------------------------------------------------------------
+    def owned_session(self, principal: Principal, session_id: str) -> st.SessionRow:
+        """The caller's live session, or the problem that says why not. Another key's session
+        is reported exactly like a missing one (404), so ids cannot be probed."""
+        row = st.get_session(self.store, session_id=session_id) if _valid_sid(session_id) else None
+        if row is None or row.owner != principal.id:
+            raise ApiError("unknown_session", f"no session {session_id!r} for this API key")
+        if row.state == "expired":
+            raise ApiError("session_expired", f"session {session_id} expired after "
+                           f"{self.settings.session_idle_ttl_s:g} s idle or was closed by a "
+                           "model change; create a new one")
+        if time.time() - row.last_used > self.settings.session_idle_ttl_s:
+            self.expire(row)
+            raise ApiError("session_expired", f"session {session_id} was idle for more than "
+                           f"{self.settings.session_idle_ttl_s:g} s; create a new one")
+        return row
+
+    def expire(self, row: st.SessionRow) -> None:
+        if st.expire_session(self.store, session_id=row.id) is not None:
+            st.remove_tree(self.store.path(row.key_dir))
+            log.info("session expired", extra={"session": row.id, "model": row.model})
+
+    def sweep(self) -> int:
+        """Expire idle sessions and drop week-old tombstones."""
+        now = time.time()
+        idle = st.idle_sessions(self.store, idle_before=now - self.settings.session_idle_ttl_s)
+        for row in idle:
+            self.expire(row)
+        st.purge_tombstones(self.store, ended_before=now - 7 * 86400)
+        self.metrics.sessions.set(st.count_active_sessions(self.store))
+        return len(idle)
+
+
+def _valid_sid(sid: str) -> bool:
+    return sid.startswith("s_") and 8 <= len(sid) <= 64 and all(
+        c.isalnum() or c in "-_" for c in sid)
+
+
+def new_session_id() -> str:
+    return "s_" + secrets.token_urlsafe(24)
+
+
+def load_keys(settings: Settings, store: st.Store) -> dict[str, Principal]:
+    """Upsert configured keys, forget removed ones, generate first-start keys if asked."""
+    keep: set[str] = set()
+    if settings.admin_key is not None:
+        row = st.upsert_api_key(store, key=settings.admin_key.get_secret_value(), name="admin",
+                                role="admin", source="config")
+        keep.add(row.key_hash)
+    for name, key in settings.configured_api_keys():
+        keep.add(st.upsert_api_key(store, key=key, name=name, role="client",
+                                   source="config").key_hash)
+    st.remove_config_keys_except(store, keep_hashes=keep)
+    rows = st.list_api_keys(store)
+    if settings.generate_keys:
+        for role in ("admin", "client"):
+            if not any(r.role == role for r in rows):
+                key = secrets.token_urlsafe(32)
+                st.upsert_api_key(store, key=key, name=f"generated-{role}", role=role,
+                                  source="generated")
+                # printed once, never logged or stored in clear: configure keys for production
+                print(f"heinfer: generated {role} API key (shown once, store it now): {key}",
+                      file=sys.stderr, flush=True)
+        rows = st.list_api_keys(store)
+    return {r.key_hash: Principal(r.principal, r.name, r.role) for r in rows}

@@ -1,0 +1,394 @@
+"""HE work off the event loop: a process pool, one request per worker at a time.
+
+Every TenSEAL/SEAL call holds the GIL for its whole duration, so threads would serialize and
+stall the event loop; processes run in parallel. The API process only streams bodies, checks
+framing and talks to SQLite; everything that touches SEAL runs here, in `EvalPool`'s workers.
+
+Jobs carry file paths for keys and plans (large, on disk already) and the ciphertext body as
+bytes (a few MB at most, already read and size-checked by the API; writing it to disk first
+would add a copy and a cleanup without saving memory).
+
+Each worker keeps two bounded LRU caches: compiled plans by plan hash (kernels with their
+plaintexts encoded once) and session backends by session id (keys loaded from disk once). A
+session backend is a shallow copy of the plan's backend that shares its SEALContext, encoder
+and evaluator and holds the session's keys: plaintexts encoded for the plan and keys loaded for
+the session then live under the same context.
+
+Limits: the pool admits `workers + max_queue` jobs; one more answers 503 with Retry-After. A job
+over its time limit answers 504; a job still queued is cancelled, a running one cannot be
+interrupted and keeps its worker (and its queue slot) until it finishes. A crashed worker breaks
+the pool: it is rebuilt and the request answers 503 (the SDK retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import math
+import multiprocessing
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from heinfer_server.errors import ApiError
+from heinfer_server.keycheck import seal_header_ok, secret_key_bound, tenseal_context_secret
+
+log = logging.getLogger("heinfer.server")
+
+KEY_FILES = {"RELIN_KEYS": "relin.seal", "GALOIS_KEYS": "galois.seal",
+             "PUBLIC_KEY": "public.seal"}
+
+# -- worker side ------------------------------------------------------------------------------
+_PLANS: OrderedDict[str, Any] = OrderedDict()
+_SESSIONS: OrderedDict[str, Any] = OrderedDict()
+_LIMITS = {"models": 4, "sessions": 4}
+
+
+def _init_worker(parent_pid: int, max_models: int, max_sessions: int) -> None:
+    """Runs once in each worker: cache sizes, and exit when the API process is gone (after a
+    kill -9 nothing else would tell a worker blocked on its call queue)."""
+    _LIMITS.update(models=max_models, sessions=max_sessions)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    import heinfer.plan  # noqa: F401  (import tenseal and numpy now, not in the first request)
+
+
+def ping() -> int:
+    return os.getpid()
+
+
+def _lru_put(cache: OrderedDict, key: str, value: Any, limit: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+
+
+def _compiled(plan_path: str, plan_hash: str):
+    from heinfer.backends import make_backend
+    from heinfer.plan import CompiledPlan, Plan
+
+    hit = _PLANS.get(plan_hash)
+    if hit is not None:
+        _PLANS.move_to_end(plan_hash)
+        return hit
+    plan = Plan.load(plan_path)
+    if plan.hash() != plan_hash:
+        raise ApiError("internal", f"plan file {plan_path} does not match hash {plan_hash}")
+    compiled = CompiledPlan(plan, make_backend(plan.params))
+    _lru_put(_PLANS, plan_hash, compiled, _LIMITS["models"])
+    return compiled
+
+
+def _load_seal(cls, context, path: Path):
+    obj = cls()
+    obj.load(context, str(path))
+    return obj
+
+
+def _session_backend(session_id: str, key_dir: str, compiled):
+    import tenseal.sealapi as seal
+
+    cache_key = f"{session_id}:{compiled.spec.plan_hash}"
+    hit = _SESSIONS.get(cache_key)
+    if hit is not None:
+        _SESSIONS.move_to_end(cache_key)
+        return hit
+    be = copy.copy(compiled.backend)
+    d = Path(key_dir)
+    if not (d / KEY_FILES["RELIN_KEYS"]).exists():  # deleted or expired since the API checked
+        raise ApiError("unknown_session", f"session {session_id} was closed meanwhile")
+    try:
+        be.relin_keys = _load_seal(seal.RelinKeys, be.context, d / KEY_FILES["RELIN_KEYS"])
+        galois = d / KEY_FILES["GALOIS_KEYS"]
+        be.galois_keys = (_load_seal(seal.GaloisKeys, be.context, galois)
+                          if galois.exists() else None)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ApiError("internal", f"stored keys of session {session_id} do not load: {e}") from e
+    be.rotation_steps = {s % be.slots for s in compiled.spec.rotation_steps}
+    _lru_put(_SESSIONS, cache_key, be, _LIMITS["sessions"])
+    return be
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    name: str
+    plan_hash: str
+    spec_json: str
+    n_inputs: int
+    insecure: bool
+    preprocessing_json: str = "null"
+
+
+def inspect_plan(json_path: str, allow_insecure: bool) -> PlanInfo:
+    """Load a plan file (checks its version and hash) and derive its public spec."""
+    from heinfer.plan import Plan
+
+    plan = Plan.load(json_path)
+    if plan.params.security_bits() < 128 and not allow_insecure:
+        raise ApiError("insecure_params",
+                       f"plan {plan.name} uses {plan.params.describe()}; this server refuses "
+                       "parameters below 128-bit security (HEINFER_ALLOW_INSECURE_PARAMS=true "
+                       "for tests only)")
+    spec = plan.spec()
+    # public input preprocessing recorded by training (e.g. normalization mean/std): clients
+    # need it to turn raw pixels into the model's input; nothing else of the metadata is shown
+    pre = plan.metadata.get("normalization")
+    return PlanInfo(plan.name, spec.plan_hash, spec.model_dump_json(), plan.input_layout.n_ct,
+                    plan.params.security_bits() < 128,
+                    json.dumps({"normalization": pre} if pre else None))
+
+
+@dataclass(frozen=True)
+class KeyJob:
+    upload_path: str
+    sections: tuple[tuple[str, int, int], ...]  # (type name, offset, length), framing checked
+    dest_dir: str
+    plan_path: str
+    plan_hash: str
+    session_id: str
+
+
+def _copy_range(src, dst_path: Path, offset: int, length: int) -> None:
+    src.seek(offset)
+    with open(dst_path, "wb") as out:
+        left = length
+        while left:
+            chunk = src.read(min(left, 1 << 20))
+            if not chunk:
+                raise ApiError("malformed_body", "upload shorter than its framing")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def validate_keys(job: KeyJob) -> dict[str, int]:
+    """Split an EVAL_KEYS upload into one file per SEAL object and check each (see keycheck).
+    Returns bytes per section. On success the keys stay loaded in this worker's cache."""
+    import tenseal.sealapi as seal
+
+    from heinfer.backends.base import galois_element
+
+    compiled = _compiled(job.plan_path, job.plan_hash)
+    be = compiled.backend
+    params = compiled.plan.params
+    dest = Path(job.dest_dir)
+    dest.mkdir(parents=True, exist_ok=False)
+    sk_bound = secret_key_bound(params.poly_modulus_degree, len(params.coeff_mod_bits))
+    types = {"RELIN_KEYS": seal.RelinKeys, "GALOIS_KEYS": seal.GaloisKeys,
+             "PUBLIC_KEY": seal.PublicKey}
+    loaded: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    with open(job.upload_path, "rb") as f:
+        for name, offset, length in job.sections:
+            f.seek(offset)
+            head = f.read(16)
+            if not seal_header_ok(head, length):
+                secret = tenseal_context_secret(f, offset, length)
+                if secret:
+                    raise ApiError("secret_key_refused",
+                                   f"the {name} section is a TenSEAL context holding a secret "
+                                   "key; send only public evaluation keys (heinfer.wire "
+                                   "EVAL_KEYS) and keep the secret key on the client")
+                what = ("a TenSEAL context (contexts are not accepted)" if secret is False
+                        else "not a SEAL object of exactly the section's length")
+                raise ApiError("malformed_keys", f"the {name} section is {what}")
+            if (head[3], head[4]) != tuple(be.seal_version):  # SEAL loads only its own x.y
+                raise ApiError("params_mismatch",
+                               f"the {name} section was written by SEAL {head[3]}.{head[4]}; "
+                               f"this server runs {be.wire_format} (the spec's `backend`): "
+                               "make the keys with that backend")
+            path = dest / KEY_FILES[name]
+            _copy_range(f, path, offset, length)
+            if length <= sk_bound:
+                try:
+                    _load_seal(seal.SecretKey, be.context, path)
+                except (RuntimeError, ValueError):
+                    pass
+                else:
+                    raise ApiError("secret_key_refused",
+                                   f"the {name} section holds a SEAL secret key; only public "
+                                   "evaluation keys may leave the client")
+            try:
+                loaded[name] = _load_seal(types[name], be.context, path)
+            except (RuntimeError, ValueError) as e:
+                raise ApiError("params_mismatch",
+                               f"the {name} section does not load as {name.lower()} under "
+                               f"the model's parameters ({params.describe()}): made for other "
+                               f"parameters, or corrupted ({e})") from e
+            sizes[name] = length
+    relin = loaded.get("RELIN_KEYS")
+    if relin is None or not relin.has_key(2):
+        raise ApiError("missing_keys", "the RELIN_KEYS section holds no relinearization key")
+    steps = compiled.spec.rotation_steps
+    galois = loaded.get("GALOIS_KEYS")
+    n = params.poly_modulus_degree
+    missing = [s for s in steps if galois is None or not galois.has_key(galois_element(s, n))]
+    if missing:
+        raise ApiError("missing_keys",
+                       f"no Galois key for rotation step(s) {missing}; the model's spec lists "
+                       f"the steps to make keys for: {steps}")
+    session_be = copy.copy(be)
+    session_be.relin_keys, session_be.galois_keys = relin, galois
+    session_be.rotation_steps = {s % be.slots for s in steps}
+    _lru_put(_SESSIONS, f"{job.session_id}:{job.plan_hash}", session_be, _LIMITS["sessions"])
+    return sizes
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    model: str
+    plan_path: str
+    plan_hash: str
+    session_id: str
+    key_dir: str
+    body: bytes | bytearray
+    n_inputs: int
+    max_item_bytes: int
+
+
+def predict(job: PredictJob) -> tuple[bytes, float]:
+    """Evaluate the plan on the body's ciphertexts with the session's keys.
+    Returns (output body in heinfer wire framing, seconds of HE work)."""
+    from heinfer import wire
+    from heinfer.errors import ParamsMismatchError, SerializationError
+
+    t0 = time.perf_counter()
+    compiled = _compiled(job.plan_path, job.plan_hash)
+    be = _session_backend(job.session_id, job.key_dir, compiled)
+    items = wire.decode_ciphertexts(job.body, expected_count=job.n_inputs,
+                                    max_item_bytes=job.max_item_bytes)
+    params = compiled.plan.params
+    cts = []
+    for i, data in enumerate(items):
+        if not seal_header_ok(data[:16], len(data)):
+            raise ApiError("malformed_ciphertext",
+                           f"item {i} is not a SEAL object of exactly its section's length")
+        try:
+            ct = be.ciphertext_from_bytes(data)
+        except (SerializationError, ParamsMismatchError) as e:
+            raise ApiError("params_mismatch",
+                           f"ciphertext {i} does not load under the model's parameters "
+                           f"({params.describe()}, {be.wire_format}): {e}") from e
+        if ct.size() != 2 or be.level(ct) != params.top_level or not math.isclose(
+                ct.scale, params.scale, rel_tol=1e-9):
+            raise ApiError("malformed_ciphertext",
+                           f"ciphertext {i} must be fresh: size 2 at level {params.top_level} "
+                           f"and scale 2^{params.scale_bits} (got size {ct.size()}, level "
+                           f"{be.level(ct)}, scale 2^{math.log2(ct.scale):.2f})")
+        cts.append(ct)
+    out = compiled.run(cts, backend=be)
+    body = wire.encode_ciphertexts([be.ciphertext_to_bytes(c) for c in out])
+    return body, time.perf_counter() - t0
+
+
+def forget_session(session_id: str) -> None:
+    for k in [k for k in _SESSIONS if k.startswith(session_id + ":")]:
+        del _SESSIONS[k]
+
+
+# -- API side ---------------------------------------------------------------------------------
+class EvalPool:
+    """Bounded admission in front of a ProcessPoolExecutor (see the module docstring)."""
+
+    def __init__(self, *, workers: int, max_queue: int, start_method: str, cache_models: int,
+                 cache_sessions: int, metrics=None):
+        self.workers = workers
+        self.capacity = workers + max_queue
+        self._start_method = start_method
+        self._init_args = (os.getpid(), cache_models, cache_sessions)
+        self._metrics = metrics
+        self._pending = 0
+        self._eval_avg = 1.0  # seconds, moving average, for Retry-After
+        self._executor = self._new_executor()
+        self.ready = False
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers,
+                                   mp_context=multiprocessing.get_context(self._start_method),
+                                   initializer=_init_worker, initargs=self._init_args)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def warm_up(self) -> None:
+        """Start every worker now (imports take a second each), then report ready."""
+        futs = [self._executor.submit(ping) for _ in range(self.workers * 2)]
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        self.ready = True
+        if self._metrics:
+            self._metrics.workers.set(self.workers)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._eval_avg * self._pending / self.workers))
+
+    def _release(self, _: Future) -> None:
+        self._pending -= 1
+        if self._metrics:
+            self._metrics.queue_depth.set(self._pending)
+
+    async def run(self, fn, *args, timeout: float, queue: bool = True) -> Any:
+        """Run fn(*args) in a worker. `queue=False` jobs (admin, session checks) still count
+        but are never refused: they are rare and must not fail because predicts are busy."""
+        if queue and self._pending >= self.capacity:
+            if self._metrics:
+                self._metrics.queue_rejections.inc()
+            raise ApiError("overloaded", f"all {self.workers} workers busy and "
+                           f"{self.capacity - self.workers} request(s) waiting; retry later",
+                           headers={"Retry-After": str(self.retry_after())})
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        try:
+            fut = executor.submit(fn, *args)
+        except (BrokenProcessPool, RuntimeError):
+            self._rebuild(executor)
+            raise ApiError("worker_crashed", "the worker pool was restarting; retry",
+                           headers={"Retry-After": "1"}) from None
+        self._pending += 1
+        if self._metrics:
+            self._metrics.queue_depth.set(self._pending)
+        def done(f: Future) -> None:
+            try:
+                loop.call_soon_threadsafe(self._release, f)
+            except RuntimeError:  # the loop closed (shutdown) while the job ran
+                pass
+
+        fut.add_done_callback(done)
+        t0 = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
+        except TimeoutError:
+            fut.cancel()  # succeeds only while still queued
+            raise ApiError("timeout", f"evaluation took longer than the {timeout:g} s "
+                           "limit") from None
+        except BrokenProcessPool:
+            self._rebuild(executor)
+            raise ApiError("worker_crashed", "a worker process died during this request; "
+                           "retry", headers={"Retry-After": "1"}) from None
+        self._eval_avg = 0.8 * self._eval_avg + 0.2 * (time.perf_counter() - t0)
+        return result
+
+    def _rebuild(self, broken: ProcessPoolExecutor) -> None:
+        """Replace a broken executor once, however many requests saw it break."""
+        if self._executor is broken:
+            log.error("worker pool broken; starting a new one")
+            self._executor = self._new_executor()
+            broken.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
