@@ -36,12 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     # not by the client package).
     from tqdm import tqdm
 
+    from heinfer.errors import ModelFormatError
     from heinfer_client import Client
     from heinfer_client.local import LocalServer
     from heinfer_models import fashion_mnist, zoo
     from heinfer_packing.lower import lower
-
-    from heinfer.errors import ModelFormatError
 
     try:
         model = zoo.load(args.model)

@@ -1,6 +1,5 @@
 """The compiler's report: symbolic op counts equal the real CKKS run's, per layer and level."""
 
-import numpy as np
 
 from heinfer.backends import make_backend
 from heinfer.backends.counting import CountingBackend
