@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m heinfer_models.demo
+	$(PY) -m heinfer_client.demo_service
 
 # Pyfhel (second backend) has no wheel for Python 3.11: built offline from source once (~4 min).
 $(PYFHEL_STAMP): $(STAMP) scripts/build_pyfhel.sh
