@@ -194,11 +194,15 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
     if step.op == "conv2d":
         return RotationConv2d(ctx, step.weight, step.bias, a.get("stride", 1),
                               a.get("padding", 0), layout, level, scale,
-                              a.get("out_channels_per_ct"))
+                              a.get("out_channels_per_ct"), a.get("scale_down_bits", 0))
     if step.op == "conv2d_im2col":
-        return Im2colConv2d(ctx, step.weight, step.bias, layout, level, scale)
+        return Im2colConv2d(ctx, step.weight, step.bias, layout, level, scale,
+                            a.get("scale_down_bits", 0))
     if step.op == "dense":
-        return DiagonalDense(ctx, step.weight, step.bias, layout, level, scale, a.get("baby"))
+        return DiagonalDense(ctx, step.weight, step.bias, layout, level, scale, a.get("baby"),
+                             rescale=a.get("rescale", True),
+                             headroom_bits=a.get("headroom_bits", 6),
+                             scale_down_bits=a.get("scale_down_bits", 0))
     if step.op == "sumpool2d":
         return SumPool2d(ctx, a["kernel"], a.get("stride", a["kernel"]), layout, level, scale)
     if step.op == "square":

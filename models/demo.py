@@ -23,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"],
                     help="im2col: client arranges windows (fast, larger upload); "
                          "rotation: one ciphertext in (small upload)")
+    ap.add_argument("--precise", action="store_true",
+                    help="keep the last layer's rescale (smaller error, slower)")
     args = ap.parse_args(argv)
 
     model = zoo.load(args.model)
     images, labels = fashion_mnist.load("test")
     xs = fashion_mnist.normalize(images[: args.images])
     ys = labels[: args.images]
-    res = evaluate_encrypted(model, xs, first_conv=args.first_conv)
+    res = evaluate_encrypted(model, xs, first_conv=args.first_conv, precise=args.precise)
     s = res.summary(ys)
     print(f"[server] model {model.name}: {s['params']}")
     print(f"[server] input layout {s['input_layout']}")

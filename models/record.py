@@ -22,22 +22,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", choices=zoo.names())
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"])
+    ap.add_argument("--precise", action="store_true",
+                    help="keep the last layer's rescale (smaller error, slower)")
     args = ap.parse_args(argv)
     model = zoo.load(args.name)
     images, labels = fashion_mnist.load("test")
     xs = fashion_mnist.normalize(images[: args.images])
-    res = evaluate_encrypted(model, xs, first_conv=args.first_conv)
+    res = evaluate_encrypted(model, xs, first_conv=args.first_conv, precise=args.precise)
     summary = res.summary(labels[: args.images])
     record = {
         "command": f"python -m heinfer_models.record {args.name} --images {args.images} "
-                   f"--first-conv {args.first_conv}",
+                   f"--first-conv {args.first_conv}" + (" --precise" if args.precise else ""),
         "date": time.strftime("%Y-%m-%d"),
         "test_images": f"first {args.images} of the Fashion-MNIST test set",
         "plaintext_accuracy_same_images": float(
             (res.plain_predictions == labels[: args.images]).mean()),
         **summary,
     }
-    out = zoo.model_dir(args.name) / f"encrypted_eval_{args.first_conv}.json"
+    mode = args.first_conv + ("_precise" if args.precise else "")
+    out = zoo.model_dir(args.name) / f"encrypted_eval_{mode}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     ok = summary["agreement"] >= 0.995

@@ -43,7 +43,10 @@ def _median_ms(fn, repeat: int) -> float:
 
 def _measure_level(be, ct, x: np.ndarray, level: int, repeat: int) -> dict[str, float]:
     """Median ms of each operation on a ciphertext at `level` (copies subtracted)."""
-    pt = be.encode(x, level, be.prime(level))
+    # weights are encoded at the scale of the prime the next rescale drops; at level 0 nothing
+    # is rescaled any more, and the cost of a multiply does not depend on the scale
+    pt = (be.encode(x, level, be.prime(level)) if level
+          else be.encode(np.full(be.slots, 100.0), 0, 32.0))
     ptc = be.encode(x, level, be.scale_of(ct))
     copy_ms = _median_ms(lambda: be.copy(ct), repeat)
     out = {

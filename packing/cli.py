@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="use N Fashion-MNIST training images (labelled) as calibration data")
     ap.add_argument("--calib-npz", help="calibration data: npz with x (N, ...) and optional y")
     ap.add_argument("--degree", type=int, default=2, help="degree of fitted activations")
+    ap.add_argument("--precise", action="store_true",
+                    help="keep the last layer's rescale: ~10x smaller output error, one more "
+                         "prime (slower); default: the last dense layer skips it")
     args = ap.parse_args(argv)
     model = _load(args.model)
     calib_x = calib_y = None
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     model, records = rewrite(model, calib_x, calib_y, degree=args.degree)
     rewrites_text = format_records(records)
     print(f"HE-friendly rewrites of {model.name}:\n{rewrites_text}\n")
-    plan = lower(model, first_conv=args.first_conv)
+    plan = lower(model, first_conv=args.first_conv,
+                 final_rescale=True if args.precise else None)
     cal = None
     if args.calibrate or calibration_path(plan.params).exists():
         cal = load_or_calibrate(plan.params)

@@ -78,19 +78,37 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
 
 def plan_depth(steps: list[PlanStep]) -> int:
     cost = {"conv2d": 1, "conv2d_im2col": 1, "dense": 1, "square": 1, "poly2": 2}
-    return sum(cost.get(s.op, 0) for s in steps)
+    return sum(cost.get(s.op, 0) for s in steps
+               if s.attrs.get("rescale", True) or s.op not in ("dense",))
 
 
-def choose_params(depth: int, scale_bits: int = 29, min_slots: int = 0) -> CKKSParams:
-    """Smallest 128-bit ring whose chain holds `depth` rescales of `scale_bits` primes, with the
-    outer primes (first data prime, special prime) as large as the budget allows."""
+# Above about 52 bits SEAL's special prime made rotations markedly slower on this machine
+# (bench: [48, 28 x 4, 58] vs [51, 29 x 4, 51]); key-switching noise falls as it grows.
+MAX_SPECIAL_PRIME_BITS = 52
+
+
+def choose_params(depth: int, scale_bits: int = 29, min_slots: int = 0,
+                  out_bits: int | None = None, final_rescale: bool = True) -> CKKSParams:
+    """Smallest 128-bit ring whose chain holds `depth` rescales of `scale_bits` primes.
+
+    With `final_rescale` the first prime only needs the output's bits above the scale
+    (`out_bits` = log2 of the largest output, with margin) and the special prime gets the rest
+    of the budget: key-switching noise scales with (largest prime) / (special prime), and it
+    dominates the error. Without (the last layer keeps its product unrescaled) the first prime
+    must hold scale x weight scale x output, so the budget is split evenly."""
+    out_bits = 5 if out_bits is None else max(1, out_bits)
     for n, limit in sorted(MAX_LOG_Q_128.items()):
         if n < 4096 or n // 2 < min_slots:
             continue
-        outer = min(60, (limit - scale_bits * depth) // 2)
-        if outer >= scale_bits + 4:
+        budget = limit - scale_bits * depth
+        if final_rescale:
+            first = scale_bits + 1 + out_bits
+            special = min(MAX_SPECIAL_PRIME_BITS, 60, budget - first)
+        else:
+            first = special = min(60, budget // 2)
+        if special >= first and first >= scale_bits + 4:
             return CKKSParams(poly_modulus_degree=n,
-                              coeff_mod_bits=[outer] + [scale_bits] * depth + [outer],
+                              coeff_mod_bits=[first] + [scale_bits] * depth + [special],
                               scale_bits=scale_bits)
     raise ModelFormatError(f"no 128-bit parameters hold depth {depth} at scale 2^{scale_bits}")
 
@@ -117,10 +135,12 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
 
 
 def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2col",
-          output_div: float = 1.0) -> Plan:
+          output_div: float = 1.0, final_rescale: bool | None = None) -> Plan:
     """Model -> Plan. `first_conv`: "im2col" (client arranges windows: larger upload, fastest)
     or "rotation" (input in one ciphertext: small upload, rotations on the server).
-    `output_div` divides the last linear layer so logits fit the last prime's headroom."""
+    `output_div` divides the last linear layer so logits fit the last prime's headroom.
+    `final_rescale`: False = the last dense layer skips its rescale (one prime less); None (the
+    default) = skip it when this function also chooses the parameters."""
     steps, out_scale = fold_model(model)
     linear = [i for i, s in enumerate(steps) if s.op in LINEAR_OPS]
     if output_div != 1.0 and linear:
@@ -129,7 +149,15 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
             last.weight = last.weight / output_div
             last.bias = None if last.bias is None else last.bias / output_div
             out_scale *= output_div
-    params = params or choose_params(plan_depth(steps))
+    if final_rescale is False or (final_rescale is None and params is None):
+        # The last dense layer keeps its product unrescaled: one prime less in the whole chain
+        # (every earlier operation gets cheaper); its weights use a smaller scale instead.
+        if steps[-1].op == "dense":
+            steps[-1].attrs["rescale"] = False
+    max_out = (model.metadata.get("max_abs") or {}).get(model.layers[-1].name)
+    out_bits = math.ceil(math.log2(max_out * 1.5 / output_div)) if max_out else None
+    params = params or choose_params(plan_depth(steps), out_bits=out_bits,
+                                     final_rescale=steps[-1].attrs.get("rescale", True))
     layout, first = input_layout_for(steps[0], model.input_shape, params.slots, first_conv)
     steps[0] = first
     if plan_depth(steps) > params.depth:
@@ -139,5 +167,36 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
             f"model {model.name} needs depth {plan_depth(steps)}, {params.describe()} gives "
             f"{params.depth}; add data primes or use choose_params()"
         )
-    return Plan(model.name, params, tuple(model.input_shape), layout, steps, out_scale,
+    plan = Plan(model.name, params, tuple(model.input_shape), layout, steps, out_scale,
                 list(model.labels), {"first_conv": first_conv, **model.metadata})
+    if steps[-1].op == "dense" and not steps[-1].attrs.get("rescale", True):
+        _fit_final_scale(plan, model)
+    return plan
+
+
+def _fit_final_scale(plan: Plan, model: Model) -> None:
+    """A last dense layer without rescale multiplies by weights at scale 2^w in what is left of
+    the chain: incoming scale + w + output bits must fit. Output bits come from the recorded
+    max |logit| (with margin); when the incoming scale is too large for w >= 20, the linear layer
+    before the last square encodes its weights 2^k lower (the square doubles the saving)."""
+    from heinfer.backends.symbolic import SymbolicBackend
+    from heinfer.kernels.dense import MIN_WEIGHT_SCALE_BITS
+
+    steps, params = plan.steps, plan.params
+    max_out = (model.metadata.get("max_abs") or {}).get(model.layers[-1].name)
+    headroom = math.ceil(math.log2(max_out * 1.5)) + 1 if max_out else 6
+    steps[-1].attrs["headroom_bits"] = headroom
+    probe = Plan(plan.name, params, plan.input_shape, plan.input_layout, steps[:-1])
+    before_last = probe.build_kernels(SymbolicBackend(params), encode=False)[-1]
+    bits_left = sum(params.coeff_mod_bits[: before_last.out_level + 1]) - 1
+    excess = (math.log2(before_last.out_scale)
+              - (bits_left - headroom - MIN_WEIGHT_SCALE_BITS))
+    if excess <= 0:
+        return
+    squares = [i for i, s in enumerate(steps[:-1]) if s.op in ("square", "poly2")]
+    before = squares[-1] if squares else len(steps) - 1
+    linear = [i for i in range(before) if steps[i].op in LINEAR_OPS + ("conv2d_im2col",)]
+    if not linear:
+        raise ModelFormatError("no linear layer to lower the scale before the final dense layer")
+    factor = 2 if squares else 1
+    steps[linear[-1]].attrs["scale_down_bits"] = math.ceil(excess / factor)

@@ -107,3 +107,8 @@ def test_server_side_backend_has_no_secret(be):
         server.decrypt(be.encrypt(np.ones(be.slots)))
     with pytest.raises(SecretKeyError):
         server.secret_key_bytes()
+
+
+def test_encode_scale_too_large_has_a_clear_message(be):
+    with pytest.raises(ScaleMismatchError, match="cannot encode at scale"):
+        be.encode(np.ones(be.slots), 0, 2.0**60)

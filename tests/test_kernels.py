@@ -150,3 +150,22 @@ def test_layout_mismatch_is_refused(rng):
     with pytest.raises(LayoutError, match="grid layout"):
         run_encrypted(small_params(1), VectorLayout(20, SLOTS),
                       [PlanStep("conv2d", {"stride": 1, "padding": 1}, w, None)], x)
+
+
+def test_final_dense_without_rescale_keeps_its_level(rng):
+    x = rng.normal(size=(40,))
+    w = rng.normal(scale=0.2, size=(6, 40))
+    b = rng.normal(size=6)
+    step = PlanStep("dense", {"rescale": False, "headroom_bits": 5}, w, b)
+    he, compiled = run_encrypted(small_params(1), VectorLayout(40, SLOTS), [step], x)
+    assert_close(he, w @ x + b)
+    k = compiled.kernels[0]
+    assert k.out_level == k.in_level  # no prime consumed
+
+
+def test_final_dense_without_room_is_refused(rng):
+    x = rng.normal(size=(10,))
+    step = PlanStep("dense", {"rescale": False, "headroom_bits": 30}, rng.normal(size=(3, 10)),
+                    None)
+    with pytest.raises(LayoutError, match="weights' scale"):
+        run_encrypted(small_params(1), VectorLayout(10, SLOTS), [step], x)

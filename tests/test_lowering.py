@@ -104,3 +104,15 @@ def test_model_file_roundtrip(rng, tmp_path):
     (tmp_path / "m" / "model.json").write_text(bad)
     with pytest.raises(ModelFormatError, match="unsupported op 'lstm'"):
         load_model(tmp_path / "m")
+
+
+def test_default_lowering_skips_the_final_rescale(rng):
+    from heinfer.backends.symbolic import SymbolicBackend
+
+    model = small_cnn(rng)
+    model.metadata["max_abs"] = {"fc1": 4.0}
+    plan = lower(model)  # parameters chosen here: the last dense keeps its product unrescaled
+    assert plan.steps[-1].attrs["rescale"] is False
+    assert plan.params.depth == plan_depth(plan.steps) == 4
+    kernels = plan.build_kernels(SymbolicBackend(plan.params), encode=False)
+    assert kernels[-1].out_level == kernels[-1].in_level == 0

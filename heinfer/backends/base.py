@@ -28,6 +28,19 @@ def galois_element(step: int, poly_modulus_degree: int) -> int:
     return pow(3, step, 2 * n)
 
 
+def check_encode_scale(params: CKKSParams, level: int, scale: float) -> None:
+    """Refuse a scale the level cannot hold, with a message instead of SEAL's bare one."""
+    from heinfer.errors import ScaleMismatchError
+
+    bits = sum(params.coeff_mod_bits[: level + 1])
+    if not scale > 0 or np.log2(scale) >= bits:
+        raise ScaleMismatchError(
+            f"cannot encode at scale 2^{np.log2(scale) if scale > 0 else float('nan'):.1f} at "
+            f"level {level}, which has {bits} bits of modulus left; encode at a lower scale or "
+            "a higher level"
+        )
+
+
 @dataclass
 class EvalKeyBytes:
     """What a client sends so a server can evaluate: serialized (seeded) public material only."""

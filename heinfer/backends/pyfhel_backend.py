@@ -31,7 +31,7 @@ from collections.abc import Iterable
 import numpy as np
 from Pyfhel import PyCtxt, Pyfhel, PyPtxt
 
-from heinfer.backends.base import Ciphertext, EvalKeyBytes
+from heinfer.backends.base import Ciphertext, EvalKeyBytes, check_encode_scale
 from heinfer.backends.sealwire import check_seal_bytes, read_seal_header, wire_format
 from heinfer.errors import (
     DepthExhaustedError,
@@ -184,7 +184,7 @@ class PyfhelBackend:
             raise ValueError(f"encode expects {self.slots} slot values, got {values.shape}")
         if not 0 <= level <= self.params.top_level:
             raise DepthExhaustedError(f"no level {level} in {self.params.describe()}")
-        # SEAL refuses a scale too large for the level with ValueError, as under TenSEAL
+        check_encode_scale(self.params, level, scale)
         if np.iscomplexobj(values):
             pt = self.he.encodeComplex(np.ascontiguousarray(values, dtype=complex),
                                        scale=float(scale))

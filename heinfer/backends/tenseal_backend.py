@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import tenseal.sealapi as seal
 
-from heinfer.backends.base import Ciphertext, EvalKeyBytes, Plaintext, galois_element
+from heinfer.backends.base import (
+    Ciphertext,
+    EvalKeyBytes,
+    Plaintext,
+    check_encode_scale,
+    galois_element,
+)
 from heinfer.backends.sealwire import check_seal_bytes, wire_format
 from heinfer.errors import (
     DepthExhaustedError,
@@ -165,6 +171,7 @@ class TensealBackend:
         values = np.asarray(values)
         if values.shape != (self.slots,):
             raise ValueError(f"encode expects {self.slots} slot values, got {values.shape}")
+        check_encode_scale(self.params, level, scale)
         pt = seal.Plaintext()
         vals = values.tolist()  # sealapi takes Python lists (complex or float)
         self.encoder.encode(vals, self._parms_by_level[level], float(scale), pt)

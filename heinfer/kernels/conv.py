@@ -33,7 +33,7 @@ class RotationConv2d(Kernel):
 
     def __init__(self, ctx: BuildContext, weight: np.ndarray, bias: np.ndarray | None,
                  stride: int, padding: int, in_layout: GridLayout, level: int, scale: float,
-                 out_channels_per_ct: int | None = None):
+                 out_channels_per_ct: int | None = None, scale_down_bits: int = 0):
         super().__init__(ctx, in_layout, level, scale)
         if not isinstance(in_layout, GridLayout):
             raise LayoutError(f"conv2d needs a grid layout, got {in_layout}")
@@ -79,7 +79,9 @@ class RotationConv2d(Kernel):
                     inside = ((s * ii + di - p >= 0) & (s * ii + di - p < h)
                               & (s * jj + dj - p >= 0) & (s * jj + dj - p < w))
                     m[t][out_slots[inside]] = wv
-        prime = be.prime(level)
+        # weights at the scale the rescale drops (exact), optionally 2^k lower to shrink the
+        # running scale for a final layer without rescale (see DiagonalDense)
+        prime = be.prime(level) / 2.0**scale_down_bits
         R = lay.row_stride
         # plaintexts[go][r][di] -> [(gi, dj, pt)], masks pre-rotated for both giant steps
         self.plaintexts: list[dict[int, dict[int, list]]] = []
@@ -110,7 +112,7 @@ class RotationConv2d(Kernel):
             self.step(ctx, lay.block)
         if self.r_min:
             self.step(ctx, self.r_min * lay.block)
-        self.out_level, self.out_scale = level - 1, scale
+        self.out_level, self.out_scale = level - 1, scale / 2.0**scale_down_bits
         self.bias = None
         if bias is not None and np.any(bias):
             ct_idx, slot_idx = self.out_layout.positions()

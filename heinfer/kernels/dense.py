@@ -10,6 +10,10 @@ The d rotations are split into baby steps b < B (rotations of the input, one key
 is a rotation by 1 of the previous) and giant steps B*g applied by Horner's rule to rescaled
 inner sums (so they run on one prime less, and all with the key for B). Pre-rotating each
 diagonal by -B*g makes the giant step exact.
+
+The network's last linear layer may skip its rescale (`rescale=False`): its weights are encoded
+at a small scale that leaves `headroom_bits` for the outputs in the primes that are left, so the
+whole modulus chain needs one prime less and every operation before it gets cheaper.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def unroll_slots(slot_idx: np.ndarray, slots: int) -> np.ndarray:
 # Relative costs used to choose how many input replicas to use (rotation ~ 20 plaintext multiplies
 # at n=8192); the compiler's calibrated cost model refines this later.
 ROTATE_COST, MULTIPLY_PLAIN_COST = 20.0, 1.0
+# CKKS encoding error per slot is about sqrt(n)/scale: 2^20 keeps it near 1e-4 at n=8192.
+MIN_WEIGHT_SCALE_BITS = 20
 
 
 def _period_and_groups(span: int, rows: int, room: int) -> tuple[int, int] | None:
@@ -75,10 +81,24 @@ class DiagonalDense(Kernel):
 
     def __init__(self, ctx: BuildContext, weight: np.ndarray, bias: np.ndarray | None,
                  in_layout, level: int, scale: float, baby: int | None = None,
-                 replicas: int | None = None):
+                 replicas: int | None = None, rescale: bool = True, headroom_bits: int = 6,
+                 scale_down_bits: int = 0):
         super().__init__(ctx, in_layout, level, scale)
-        self.needs_levels(ctx, 1)
         be, slots = ctx.backend, ctx.slots
+        self.rescale = rescale
+        if rescale:
+            self.needs_levels(ctx, 1)
+            weight_scale = be.prime(level) / 2.0**scale_down_bits
+        else:
+            bits_left = sum(be.params.coeff_mod_bits[: level + 1]) - 1
+            weight_bits = bits_left - np.log2(scale) - headroom_bits
+            if weight_bits < MIN_WEIGHT_SCALE_BITS:
+                raise LayoutError(
+                    f"dense without rescale at level {level}: only 2^{weight_bits:.0f} left for "
+                    f"the weights' scale (want >= 2^{MIN_WEIGHT_SCALE_BITS}: CKKS encoding error "
+                    "is about sqrt(n)/scale); lower the incoming scale (scale_down_bits on an "
+                    "earlier layer), give the first prime more bits, or let the layer rescale")
+            weight_scale = float(2.0 ** int(weight_bits))
         m, n = weight.shape
         ct_idx, slot_idx = in_layout.positions()
         if len(slot_idx) != n:
@@ -119,7 +139,6 @@ class DiagonalDense(Kernel):
         self.baby = baby or max(1, 1 << round(math.log2(max(1.0, math.sqrt(period)))))
         self.giant = math.ceil(period / self.baby)
         # plaintexts[giant][(ct, b)]: diagonal b + B*giant of input ct, pre-rotated by -B*giant
-        prime = be.prime(level)
         self.plaintexts: list[dict[tuple[int, int], object]] = []
         used_babies: set[int] = set()
         for gg in range(self.giant):
@@ -129,7 +148,8 @@ class DiagonalDense(Kernel):
                     dd = b + self.baby * gg
                     if dd >= period or not diags[c, dd].any():
                         continue
-                    row[(c, b)] = ctx.encode(np.roll(diags[c, dd], self.baby * gg), level, prime)
+                    row[(c, b)] = ctx.encode(np.roll(diags[c, dd], self.baby * gg), level,
+                                             weight_scale)
                     used_babies.add(b)
                     self.expected_ops["multiply_plain"] += 1
             self.plaintexts.append(row)
@@ -137,8 +157,8 @@ class DiagonalDense(Kernel):
         if self.giant > 1:
             self.step(ctx, self.baby)
         rotate_and_sum_steps(ctx, self, period, self.groups)
-        self.out_level = level - 1
-        self.out_scale = scale
+        self.out_level = level - 1 if rescale else level
+        self.out_scale = (scale / 2.0**scale_down_bits) if rescale else scale * weight_scale
         out_slots = (t0 + delta[:, 0] + local[:, 0]) % slots
         if self.replicas == 1 and np.all(np.diff(out_slots) == 1):
             self.out_layout = VectorLayout(m, slots, offset=int(out_slots[0]))
@@ -165,7 +185,7 @@ class DiagonalDense(Kernel):
                     inner = prod
                 else:
                     be.add_inplace(inner, prod)
-            if inner is not None:
+            if inner is not None and self.rescale:
                 be.rescale_inplace(inner)
             if acc is None:
                 acc = inner

@@ -25,7 +25,7 @@ class Im2colConv2d(Kernel):
     name = "conv2d_im2col"
 
     def __init__(self, ctx: BuildContext, weight: np.ndarray, bias: np.ndarray | None,
-                 in_layout: Im2colLayout, level: int, scale: float):
+                 in_layout: Im2colLayout, level: int, scale: float, scale_down_bits: int = 0):
         super().__init__(ctx, in_layout, level, scale)
         if not isinstance(in_layout, Im2colLayout):
             raise LayoutError(f"conv2d_im2col needs an im2col layout, got {in_layout}")
@@ -36,7 +36,7 @@ class Im2colConv2d(Kernel):
             raise LayoutError(f"weight {weight.shape} does not match {lay}")
         ho, wo = lay.out_hw
         P = ho * wo
-        prime = ctx.backend.prime(level)
+        prime = ctx.backend.prime(level) / 2.0**scale_down_bits  # see RotationConv2d
         self.plaintexts = []
         for q in range(lay.n_ct):
             v = np.zeros(slots)
@@ -56,7 +56,7 @@ class Im2colConv2d(Kernel):
         replicas = self.count if self.count * self.group == slots else 1
         self.out_layout = GridLayout((co_n, ho, wo), slots, co_n, P, wo, 1, 0, replicas,
                                      self.group)
-        self.out_level, self.out_scale = level - 1, scale
+        self.out_level, self.out_scale = level - 1, scale / 2.0**scale_down_bits
         self.bias = None
         if bias is not None and np.any(bias):
             v = np.zeros(slots)
