@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.tenseal_tutorial import run_tutorial
+from heinfer.backends import available_backends
 from heinfer.profile import format_profile
 from heinfer_models import fashion_mnist, zoo
 from heinfer_models.evaluate import evaluate_encrypted
@@ -58,14 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         r["decrypt_ms"] = r["client_decrypt_s"] * 1e3
     profiles = {}
     # heinfer_tutorial_net: one input ciphertext (upload below the tutorial's); the im2col
-    # variant trades upload for server time.
-    for key, model, conv, n in [("heinfer_tutorial_net", tut_model, "rotation", args.images),
-                                ("heinfer_tutorial_net_im2col", tut_model, "im2col",
-                                 args.images),
-                                ("heinfer_cryptonets", cn_model, "im2col", args.images),
-                                ("heinfer_cryptonets_small_upload", cn_model, "rotation",
-                                 max(2, args.images // 5))]:
-        res = evaluate_encrypted(model, xs[:n], first_conv=conv, progress=False)
+    # variant trades upload for server time. "precise" keeps the last rescale (see lower()).
+    configs = [("heinfer_tutorial_net", tut_model, "rotation", args.images, False, "tenseal"),
+               ("heinfer_tutorial_net_im2col", tut_model, "im2col", args.images, False,
+                "tenseal"),
+               ("heinfer_cryptonets", cn_model, "im2col", args.images, False, "tenseal"),
+               ("heinfer_cryptonets_precise", cn_model, "im2col", args.images, True, "tenseal"),
+               ("heinfer_cryptonets_small_upload", cn_model, "rotation",
+                max(2, args.images // 5), False, "tenseal")]
+    if "pyfhel" in available_backends():
+        configs.append(("heinfer_cryptonets[pyfhel]", cn_model, "im2col",
+                        max(2, args.images // 5), False, "pyfhel"))
+    for key, model, conv, n, precise, backend in configs:
+        res = evaluate_encrypted(model, xs[:n], first_conv=conv, progress=False,
+                                 precise=precise, backend=backend)
         results[key] = res.summary(labels[:n])
         results[key]["op_counts"] = {k: [n_, s] for k, (n_, s) in res.op_counts.items()}
         profiles[key] = format_profile(res.layer_profile) + "\n" + res.op_table

@@ -46,7 +46,7 @@ def _measure_level(be, ct, x: np.ndarray, level: int, repeat: int) -> dict[str, 
     # weights are encoded at the scale of the prime the next rescale drops; at level 0 nothing
     # is rescaled any more, and the cost of a multiply does not depend on the scale
     pt = (be.encode(x, level, be.prime(level)) if level
-          else be.encode(np.full(be.slots, 100.0), 0, 32.0))
+          else be.encode(np.full(be.slots, 1000.0), 0, 2.0))
     ptc = be.encode(x, level, be.scale_of(ct))
     copy_ms = _median_ms(lambda: be.copy(ct), repeat)
     out = {
@@ -55,6 +55,7 @@ def _measure_level(be, ct, x: np.ndarray, level: int, repeat: int) -> dict[str, 
         "add": _median_ms(lambda: be.add(ct, ct), repeat),
         "add_plain": _median_ms(lambda: be.add_plain_inplace(be.copy(ct), ptc), repeat) - copy_ms,
         "copy": copy_ms,
+        "serialize": _median_ms(lambda: be.ciphertext_to_bytes(ct), repeat),
     }
     if level > 0:
         prod = be.multiply_plain(ct, pt)
@@ -77,6 +78,9 @@ def calibrate(params: CKKSParams, repeat: int = 9) -> dict:
         if level > 0:
             ct = be.multiply_plain(ct, be.encode(x, level, be.prime(level)))
             be.rescale_inplace(ct)
+    fresh = be.encrypt_to_bytes(x)
+    costs["deserialize_fresh"] = {str(params.top_level): _median_ms(
+        lambda: be.ciphertext_from_bytes(fresh), repeat)}
     sizes = {
         "galois_key_bytes": len(keys.galois_keys),
         "relin_key_bytes": len(keys.relin_keys),

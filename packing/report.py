@@ -36,9 +36,20 @@ class PlanReport:
 
     @property
     def predicted_ms(self) -> float | None:
+        """HE layers plus reading the input and writing the output ciphertexts."""
         if self.calibration is None:
             return None
-        return sum(layer.predicted_ms or 0.0 for layer in self.layers)
+        return sum(layer.predicted_ms or 0.0 for layer in self.layers) + (self.io_ms or 0.0)
+
+    @property
+    def io_ms(self) -> float | None:
+        ms = (self.calibration or {}).get("ms", {})
+        if "serialize" not in ms or "deserialize_fresh" not in ms:
+            return None
+        load = next(iter(ms["deserialize_fresh"].values()))
+        out_level = str(self.layers[-1].level_out)
+        n_out = 1  # every plan here ends in one output ciphertext
+        return self.plan.input_layout.n_ct * load + n_out * ms["serialize"].get(out_level, 0.0)
 
     def key_bytes(self) -> int | None:
         if self.calibration is None:
@@ -70,9 +81,12 @@ class PlanReport:
                      f"{p.params.poly_modulus_degree}, {len(self.rotation_steps)} rotation "
                      f"steps {self.rotation_steps}")
         if self.calibration is not None:
+            io = (f", of which {self.io_ms:.1f} ms reading and writing ciphertexts"
+                  if self.io_ms is not None else "")
             lines.append(f"evaluation keys {self.key_bytes() / 1e6:.1f} MB (seeded), upload "
                          f"{self.upload_bytes() / 1e3:.0f} KB per image, predicted latency "
-                         f"{self.predicted_ms:.1f} ms (calibrated {self.calibration['date']})")
+                         f"{self.predicted_ms:.1f} ms{io} (calibrated "
+                         f"{self.calibration['date']})")
         else:
             lines.append("no calibration for these parameters: run "
                          "`python -m heinfer_packing.calibrate` for predicted times and sizes")
