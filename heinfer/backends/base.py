@@ -41,6 +41,35 @@ def check_encode_scale(params: CKKSParams, level: int, scale: float) -> None:
         )
 
 
+def check_same_level_and_scale(what: str, la: int | None, lb: int | None, sa: float,
+                               sb: float) -> None:
+    """Operands of an addition must share level and scale (SEAL would only say 'mismatch')."""
+    from heinfer.errors import ScaleMismatchError
+
+    if la != lb:
+        raise ScaleMismatchError(f"{what}: operands at levels {la} and {lb}; mod-switch the "
+                                 "higher one down first")
+    if abs(sa - sb) > 1e-6 * max(sa, sb):
+        raise ScaleMismatchError(
+            f"{what}: scales 2^{np.log2(sa):.4f} and 2^{np.log2(sb):.4f} differ; encode the "
+            "plaintext at the ciphertext's scale or rescale both the same way"
+        )
+
+
+def check_room(params: CKKSParams, level: int, scale: float, what: str) -> None:
+    """A product's scale must fit the primes left at its level (else SEAL's bare
+    'scale out of bounds')."""
+    from heinfer.errors import DepthExhaustedError
+
+    bits = sum(params.coeff_mod_bits[: level + 1])
+    if np.log2(scale) >= bits - 1:
+        raise DepthExhaustedError(
+            f"{what}: result scale 2^{np.log2(scale):.1f} needs more than the {bits} bits "
+            f"left at level {level}; the plan is deeper than the modulus chain "
+            f"({params.describe()}). Add primes, use a larger ring, or reduce depth."
+        )
+
+
 @dataclass
 class EvalKeyBytes:
     """What a client sends so a server can evaluate: serialized (seeded) public material only."""

@@ -31,7 +31,13 @@ from collections.abc import Iterable
 import numpy as np
 from Pyfhel import PyCtxt, Pyfhel, PyPtxt
 
-from heinfer.backends.base import Ciphertext, EvalKeyBytes, check_encode_scale
+from heinfer.backends.base import (
+    Ciphertext,
+    EvalKeyBytes,
+    check_encode_scale,
+    check_room,
+    check_same_level_and_scale,
+)
 from heinfer.backends.sealwire import check_seal_bytes, read_seal_header, wire_format
 from heinfer.errors import (
     DepthExhaustedError,
@@ -217,29 +223,14 @@ class PyfhelBackend:
 
     # -- evaluation -----------------------------------------------------------------------
     def _check_same(self, a: Ciphertext, b, what: str) -> None:
-        la = self.level(a)
         if isinstance(b, PyfhelPlain):
             lb, sb = b.level, b.scale
         else:
             lb, sb = self.level(b), b.scale
-        if la != lb:
-            raise ScaleMismatchError(f"{what}: operands at levels {la} and {lb}; mod-switch the "
-                                     "higher one down first")
-        sa = a.scale
-        if abs(sa - sb) > 1e-6 * max(sa, sb):
-            raise ScaleMismatchError(
-                f"{what}: scales 2^{np.log2(sa):.4f} and 2^{np.log2(sb):.4f} differ; encode the "
-                "plaintext at the ciphertext's scale or rescale both the same way"
-            )
+        check_same_level_and_scale(what, self.level(a), lb, a.scale, sb)
 
     def _check_room(self, level: int, scale: float, what: str) -> None:
-        bits = sum(self.params.coeff_mod_bits[: level + 1])
-        if np.log2(scale) >= bits - 1:
-            raise DepthExhaustedError(
-                f"{what}: result scale 2^{np.log2(scale):.1f} needs more than the {bits} bits "
-                f"left at level {level}; the plan is deeper than the modulus chain "
-                f"({self.params.describe()}). Add primes, use a larger ring, or reduce depth."
-            )
+        check_room(self.params, level, scale, what)
 
     def add(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
         self._check_same(a, b, "add")

@@ -23,6 +23,8 @@ from heinfer.backends.base import (
     EvalKeyBytes,
     Plaintext,
     check_encode_scale,
+    check_room,
+    check_same_level_and_scale,
     galois_element,
 )
 from heinfer.backends.sealwire import check_seal_bytes, wire_format
@@ -202,25 +204,12 @@ class TensealBackend:
 
     # -- evaluation -----------------------------------------------------------------------
     def _check_same(self, a: Ciphertext, b, what: str) -> None:
-        la, lb = self.level(a), self._level_by_parms.get(tuple(b.parms_id()))
-        if la != lb:
-            raise ScaleMismatchError(f"{what}: operands at levels {la} and {lb}; mod-switch the "
-                                     "higher one down first")
-        sa, sb = a.scale, b.scale
-        if abs(sa - sb) > 1e-6 * max(sa, sb):
-            raise ScaleMismatchError(
-                f"{what}: scales 2^{np.log2(sa):.4f} and 2^{np.log2(sb):.4f} differ; encode the "
-                "plaintext at the ciphertext's scale or rescale both the same way"
-            )
+        check_same_level_and_scale(what, self.level(a),
+                                   self._level_by_parms.get(tuple(b.parms_id())), a.scale,
+                                   b.scale)
 
     def _check_room(self, level: int, scale: float, what: str) -> None:
-        bits = sum(self.params.coeff_mod_bits[: level + 1])
-        if np.log2(scale) >= bits - 1:
-            raise DepthExhaustedError(
-                f"{what}: result scale 2^{np.log2(scale):.1f} needs more than the {bits} bits "
-                f"left at level {level}; the plan is deeper than the modulus chain "
-                f"({self.params.describe()}). Add primes, use a larger ring, or reduce depth."
-            )
+        check_room(self.params, level, scale, what)
 
     def add(self, a: Ciphertext, b: Ciphertext) -> Ciphertext:
         self._check_same(a, b, "add")
