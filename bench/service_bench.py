@@ -90,7 +90,7 @@ def load(url: str, api_key: str, path: str, params: dict, bodies: list[bytes],
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="fmnist-cryptonets")
-    ap.add_argument("--requests", type=int, default=24, help="requests per configuration")
+    ap.add_argument("--requests", type=int, default=60, help="requests per configuration")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:

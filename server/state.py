@@ -40,6 +40,20 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     preload_done: bool = False
     startup_error: str | None = None
+    touched: dict[str, float] = field(default_factory=dict)
+
+    def touch_session(self, session_id: str) -> None:
+        """Record use for idle expiry, writing SQLite at most every tenth of the idle time
+        (and every 5 s at most): a commit per predict cost the API process a few ms of the CPU
+        the HE workers need; expiry may come up to that much early."""
+        now = time.time()
+        every = min(5.0, self.settings.session_idle_ttl_s / 10)
+        if now - self.touched.get(session_id, 0.0) >= every:
+            st.touch_session(self.store, session_id=session_id)
+            self.touched[session_id] = now
+            if len(self.touched) > 10_000:  # forget the oldest half, not a leak
+                for sid in sorted(self.touched, key=self.touched.get)[:5_000]:
+                    del self.touched[sid]
 
     def authenticate(self, token: str) -> Principal | None:
         return self.keys.get(st.key_hash(token))

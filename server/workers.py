@@ -258,6 +258,7 @@ class PredictJob:
     body: bytes | bytearray
     n_inputs: int
     max_item_bytes: int
+    body_path: str | None = None  # large bodies travel as a file in RAM, not through the pipe
 
 
 def predict(job: PredictJob) -> tuple[bytes, float]:
@@ -269,7 +270,8 @@ def predict(job: PredictJob) -> tuple[bytes, float]:
     t0 = time.perf_counter()
     compiled = _compiled(job.plan_path, job.plan_hash)
     be = _session_backend(job.session_id, job.key_dir, compiled)
-    items = wire.decode_ciphertexts(job.body, expected_count=job.n_inputs,
+    body = Path(job.body_path).read_bytes() if job.body_path else job.body
+    items = wire.decode_ciphertexts(body, expected_count=job.n_inputs,
                                     max_item_bytes=job.max_item_bytes)
     params = compiled.plan.params
     cts = []

@@ -324,3 +324,19 @@ def test_metrics_docs_request_ids_and_logs(env):
     mine = [ln for ln in lines if ln.get("request_id") == "my-req-42"]
     assert mine and mine[0]["route"] == "/v1/models/{name}" and mine[0]["status"] == 200
     assert ALICE not in env["srv"].log(200_000)  # keys never logged
+
+
+def test_large_bodies_spill_to_a_private_file():
+    import os
+    import stat
+
+    from heinfer_server.api.routes.predict import SPILL_BYTES, spill_body
+
+    assert spill_body(b"x" * 1000) is None  # small bodies go through the pool's pipe
+    body = os.urandom(SPILL_BYTES + 1)
+    path = spill_body(body)
+    try:
+        assert path is not None and open(path, "rb").read() == body
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.unlink(path)
