@@ -7,6 +7,7 @@ times from the per-operation calibration of this machine (`heinfer_packing.calib
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from heinfer.backends.counting import CountingBackend
@@ -22,6 +23,8 @@ class LayerReport:
     level_out: int
     ops: dict[tuple[str, int], int] = field(default_factory=dict)
     predicted_ms: float | None = None
+    macs: int = 0          # multiply-accumulates of the layer in clear
+    reduce_width: int = 0  # how many products each output sums
 
     def count(self, op: str) -> int:
         return sum(n for (o, _), n in self.ops.items() if o == op)
@@ -57,6 +60,21 @@ class PlanReport:
         s = self.calibration["sizes"]
         return s["relin_key_bytes"] + s["galois_key_bytes"] * len(self.rotation_steps)
 
+    def lower_bound_ms(self) -> float | None:
+        """Op-count lower bound: per linear layer, MACs / slots plaintext multiplies plus
+        log2(reduction width) rotations, at the layer's level, with this machine's costs. No
+        packing can do with fewer multiplies, or sum w products in fewer rotations."""
+        if self.calibration is None:
+            return None
+        ms, slots = self.calibration["ms"], self.plan.params.slots
+        total = 0.0
+        for r in self.layers:
+            if r.macs:
+                lvl = str(r.level_in)
+                total += r.macs / slots * ms["multiply_plain"][lvl]
+                total += math.log2(max(1, r.reduce_width)) * ms["rotate"][lvl]
+        return total
+
     def upload_bytes(self) -> int | None:
         if self.calibration is None:
             return None
@@ -87,6 +105,11 @@ class PlanReport:
                          f"{self.upload_bytes() / 1e3:.0f} KB per image, predicted latency "
                          f"{self.predicted_ms:.1f} ms{io} (calibrated "
                          f"{self.calibration['date']})")
+            bound = self.lower_bound_ms()
+            he = self.predicted_ms - (self.io_ms or 0.0)
+            lines.append(f"op-count lower bound {bound:.1f} ms (MACs/slots plaintext multiplies + "
+                         f"log2(width) rotations per linear layer): HE time predicted at "
+                         f"{he / bound:.1f}x the bound")
         else:
             lines.append("no calibration for these parameters: run "
                          "`python -m heinfer_packing.calibrate` for predicted times and sizes")
@@ -105,16 +128,29 @@ def predicted_ms(ops: dict[tuple[str, int], int], calibration: dict) -> float:
     return total
 
 
+def _macs(step, kernel) -> tuple[int, int]:
+    if step.op in ("conv2d", "conv2d_im2col"):
+        co, ci, kh, kw = step.weight.shape
+        _, ho, wo = kernel.out_layout.shape
+        return co * ho * wo * ci * kh * kw, ci * kh * kw
+    if step.op == "dense":
+        m, n = step.weight.shape
+        return m * n, n
+    return 0, 0
+
+
 def report(plan: Plan, calibration: dict | None = None) -> PlanReport:
     be = SymbolicBackend(plan.params)
     compiled = CompiledPlan(plan, be)
     counter = CountingBackend(be)
     cts = [be.encrypt(None) for _ in range(plan.input_layout.n_ct)]
     layers = []
-    for k in compiled.kernels:
+    for k, step in zip(compiled.kernels, plan.steps, strict=True):
         counter.reset()
         cts = k.run(counter, cts)
         ops = {(op, lvl): n for (op, lvl), n in counter.counts.items()}
+        macs, width = _macs(step, k)
         layers.append(LayerReport(k.name, str(k.out_layout), k.in_level, k.out_level, ops,
-                                  predicted_ms(ops, calibration) if calibration else None))
+                                  predicted_ms(ops, calibration) if calibration else None,
+                                  macs, width))
     return PlanReport(plan, layers, compiled.spec.rotation_steps, calibration)

@@ -44,3 +44,21 @@ def test_report_text_and_prediction(rng):
     text = rep.to_text()
     assert "conv2d_im2col" in text and "predicted latency" in text
     assert predicted_ms({("rotate", 3): 2}, fake_calibration) == 4.0
+
+
+def test_lower_bound_counts_macs_and_reductions(rng):
+    import math
+
+    plan = lower(small_cnn(rng), small_params(5))
+    cal = {"ms": {"rotate": {str(lv): 2.0 for lv in range(6)},
+                  "multiply_plain": {str(lv): 0.5 for lv in range(6)}},
+           "sizes": {"relin_key_bytes": 1, "galois_key_bytes": 1, "seeded_ciphertext_bytes": 1},
+           "date": "today"}
+    rep = report(plan, cal)
+    # small_cnn: conv 1->3 3x3 on 12x12, conv 3->4 3x3 on 6x6, dense 144->10
+    macs = [3 * 12 * 12 * 9, 4 * 6 * 6 * 27, 10 * 144]
+    widths = [9, 27, 144]
+    slots = plan.params.slots
+    expected = sum(m / slots * 0.5 + math.log2(w) * 2.0 for m, w in zip(macs, widths, strict=True))
+    assert abs(rep.lower_bound_ms() - expected) < 1e-9
+    assert rep.predicted_ms >= rep.lower_bound_ms()
