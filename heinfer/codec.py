@@ -28,3 +28,17 @@ def encode_encrypt_bytes(be, spec: ModelSpec, x: np.ndarray) -> list[bytes]:
 
 def decrypt_decode(be: Backend, spec: ModelSpec, cts: list[Ciphertext]) -> np.ndarray:
     return spec.decode([be.decrypt(ct) for ct in cts])
+
+
+def encode_encrypt_batch(be, spec: ModelSpec, xs: np.ndarray) -> list[bytes]:
+    """Throughput mode: up to `slots` images, one ciphertext per input element (seeded bytes)."""
+    layout = spec.input_layout_obj()
+    if not hasattr(layout, "pack_batch"):
+        raise LayoutError(f"model {spec.name} is not compiled for batches (layout {layout})")
+    return [be.encrypt_to_bytes(v) for v in layout.pack_batch(xs)]
+
+
+def decrypt_decode_batch(be: Backend, spec: ModelSpec, cts: list[Ciphertext],
+                         batch: int) -> np.ndarray:
+    out = spec.output_layout_obj()
+    return out.unpack_batch([be.decrypt(ct) for ct in cts], batch) * spec.output.scale

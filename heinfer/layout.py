@@ -255,9 +255,53 @@ class SlotLayout:
         return f"[N{len(idx)} at slots {idx[0]}..{idx[-1]}]"
 
 
-Layout = GridLayout | VectorLayout | Im2colLayout | SlotLayout
+@dataclass(frozen=True)
+class BatchLayout:
+    """Batch in slots (throughput mode): tensor element i (C order) in ciphertext i, image b in
+    slot b. Layers are scalar multiply-accumulates over ciphertexts; no rotations at all."""
+
+    shape: tuple[int, ...]
+    slots: int
+    kind: str = "batch"
+
+    @property
+    def n_ct(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def size(self) -> int:
+        return self.n_ct
+
+    def replica_shifts(self) -> list[int]:
+        return [0]
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(self.n_ct), np.zeros(self.n_ct, dtype=int)
+
+    def pack_batch(self, xs: np.ndarray) -> list[np.ndarray]:
+        """(B, *shape) images -> n_ct slot vectors; B <= slots."""
+        xs = np.asarray(xs, dtype=np.float64)
+        if xs.shape[1:] != tuple(self.shape) or len(xs) > self.slots:
+            raise LayoutError(f"batch of shape {xs.shape} does not match {self} "
+                              f"(at most {self.slots} images)")
+        flat = xs.reshape(len(xs), -1).T                     # (n_ct, B)
+        out = np.zeros((self.n_ct, self.slots))
+        out[:, : len(xs)] = flat
+        return list(out)
+
+    def pack(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.pack_batch(np.asarray(x)[None])
+
+    def unpack_batch(self, vectors: list[np.ndarray], batch: int) -> np.ndarray:
+        return np.stack([v[:batch] for v in vectors], axis=1).reshape((batch, *self.shape))
+
+    def __str__(self) -> str:
+        return f"batch[{'x'.join(map(str, self.shape))} ciphertexts x {self.slots} images]"
+
+
+Layout = GridLayout | VectorLayout | Im2colLayout | SlotLayout | BatchLayout
 _KINDS = {"grid": GridLayout, "vector": VectorLayout, "im2col": Im2colLayout,
-          "slots": SlotLayout}
+          "slots": SlotLayout, "batch": BatchLayout}
 
 
 def layout_to_dict(layout: Layout) -> dict[str, Any]:

@@ -209,6 +209,24 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
         return Square(ctx, layout, level, scale, a.get("constant", 0.0))
     if step.op == "poly2":
         return Poly2(ctx, a["coeffs"], layout, level, scale)
+    if step.op == "batch_linear":
+        from heinfer.kernels.batch import BatchLinear, conv_matrix
+
+        if step.weight.ndim == 4:
+            matrix, out_shape = conv_matrix(step.weight, a.get("stride", 1), a.get("padding", 0),
+                                            tuple(layout.shape))
+            bias = (None if step.bias is None
+                    else np.repeat(step.bias, out_shape[1] * out_shape[2]))
+        else:
+            matrix, out_shape, bias = step.weight, (step.weight.shape[0],), step.bias
+        return BatchLinear(ctx, matrix, bias, out_shape, layout, level, scale,
+                           rescale=a.get("rescale", True),
+                           headroom_bits=a.get("headroom_bits", 6),
+                           scale_down_bits=a.get("scale_down_bits", 0))
+    if step.op == "batch_sumpool":
+        from heinfer.kernels.batch import BatchSumPool
+
+        return BatchSumPool(ctx, a["kernel"], a.get("stride", a["kernel"]), layout, level, scale)
     if step.op == "flatten":
         from heinfer.kernels.base import Kernel as Identity
 

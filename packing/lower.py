@@ -124,7 +124,7 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
             # groups spread over all slots: the rotate-and-sum then replicates the result
             layout = Im2colLayout(tuple(input_shape), co, (kh, kw), stride, pad, slots, tpc,
                                   slots // tpc)
-            return layout, PlanStep("conv2d_im2col", {}, first.weight, first.bias)
+            return layout, PlanStep("conv2d_im2col", dict(first.attrs), first.weight, first.bias)
         c, h, w = input_shape
         block = h * w
         per_ct = max(1, min(c, slots // block))
@@ -135,12 +135,15 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
 
 
 def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2col",
-          output_div: float = 1.0, final_rescale: bool | None = None) -> Plan:
+          output_div: float = 1.0, final_rescale: bool | None = None,
+          batch: bool = False) -> Plan:
     """Model -> Plan. `first_conv`: "im2col" (client arranges windows: larger upload, fastest)
     or "rotation" (input in one ciphertext: small upload, rotations on the server).
     `output_div` divides the last linear layer so logits fit the last prime's headroom.
     `final_rescale`: False = the last dense layer skips its rescale (one prime less); None (the
-    default) = skip it when this function also chooses the parameters."""
+    default) = skip it when this function also chooses the parameters.
+    `batch`: throughput mode, one image per slot (`BatchLayout`): same parameters and scales,
+    linear layers as scalar multiply-accumulates over ciphertexts, no rotations."""
     steps, out_scale = fold_model(model)
     linear = [i for i, s in enumerate(steps) if s.op in LINEAR_OPS]
     if output_div != 1.0 and linear:
@@ -171,7 +174,23 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
                 list(model.labels), {"first_conv": first_conv, **model.metadata})
     if steps[-1].op == "dense" and not steps[-1].attrs.get("rescale", True):
         _fit_final_scale(plan, model)
+    if batch:
+        _to_batch(plan)
     return plan
+
+
+BATCH_OPS = {"conv2d": "batch_linear", "conv2d_im2col": "batch_linear",
+             "dense": "batch_linear", "sumpool2d": "batch_sumpool"}
+
+
+def _to_batch(plan: Plan) -> None:
+    """Same steps (and so the same levels and scales), batch-in-slots kernels and layout."""
+    from heinfer.layout import BatchLayout
+
+    for st in plan.steps:
+        st.op = BATCH_OPS.get(st.op, st.op)
+    plan.input_layout = BatchLayout(tuple(plan.input_shape), plan.params.slots)
+    plan.metadata["mode"] = "batch"
 
 
 def _fit_final_scale(plan: Plan, model: Model) -> None:

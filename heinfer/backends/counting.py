@@ -10,8 +10,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-COUNTED = ("multiply_plain", "multiply", "square", "rotate", "rescale_inplace", "add_inplace",
-           "add_plain_inplace", "mod_switch_to_inplace", "add", "copy")
+COUNTED = ("multiply_plain", "encode_scalar", "multiply", "square", "rotate", "rescale_inplace",
+           "add_inplace", "add_plain_inplace", "mod_switch_to_inplace", "add", "copy")
 
 
 class CountingBackend:
@@ -26,7 +26,8 @@ class CountingBackend:
             return attr
 
         def counted(ct, *args, **kwargs):
-            level = self._inner.level(ct)
+            # encode_scalar(value, level, scale) has no ciphertext: its level is an argument
+            level = args[0] if name == "encode_scalar" else self._inner.level(ct)
             t = time.perf_counter()
             out = attr(ct, *args, **kwargs)
             key = (name.removesuffix("_inplace"), level)

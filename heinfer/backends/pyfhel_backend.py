@@ -201,6 +201,9 @@ class PyfhelBackend:
             self.he.mod_switch_to_next_ptxt(pt, in_new_ptxt=False)
         return PyfhelPlain(pt, level, float(scale))
 
+    def encode_scalar(self, value: float, level: int, scale: float) -> PyfhelPlain:
+        return self.encode(np.full(self.slots, float(value)), level, scale)
+
     def _require_pk(self, what: str) -> None:
         if not self._has_pk:
             raise SecretKeyError(f"{what} needs the client's keys")

@@ -51,6 +51,9 @@ class SymbolicBackend:
     def encode(self, values: np.ndarray, level: int, scale: float) -> SymbolicText:
         return SymbolicText(level, float(scale))
 
+    def encode_scalar(self, value: float, level: int, scale: float) -> SymbolicText:
+        return SymbolicText(level, float(scale))
+
     def encrypt(self, values: np.ndarray) -> SymbolicText:
         return SymbolicText(self.params.top_level, self.params.scale)
 

@@ -179,6 +179,13 @@ class TensealBackend:
         self.encoder.encode(vals, self._parms_by_level[level], float(scale), pt)
         return pt
 
+    def encode_scalar(self, value: float, level: int, scale: float) -> Plaintext:
+        """A constant in every slot, encoded in microseconds (throughput mode's weights)."""
+        check_encode_scale(self.params, level, scale)
+        pt = seal.Plaintext()
+        self.encoder.encode(float(value), self._parms_by_level[level], float(scale), pt)
+        return pt
+
     def encrypt(self, values: np.ndarray) -> Ciphertext:
         """Symmetric (seeded-serializable) encryption at the top level and default scale."""
         if self._encryptor is None:
