@@ -3,6 +3,7 @@
     heinfer-compile fmnist-cryptonets --out plans/fmnist-cryptonets [--first-conv rotation]
     heinfer-compile path/to/model_dir --out plans/mine
     heinfer-compile model.onnx --calib-fmnist 512 --degree 2 --out plans/mine
+    heinfer-compile fmnist-cryptonets --objective latency --max-key-mb 20
 
 Prints the report (per-layer layout, HE operation counts by level, predicted time when this
 machine is calibrated) and saves it next to the plan as `PREFIX.report.txt`.
@@ -20,6 +21,7 @@ from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import load_model
 from heinfer_packing.report import report
 from heinfer_packing.rewrites import format_records, rewrite
+from heinfer_packing.search import OBJECTIVES, candidates, choose, trade_off_table
 
 
 def _load(source: str):
@@ -49,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precise", action="store_true",
                     help="keep the last layer's rescale: ~10x smaller output error, one more "
                          "prime (slower); default: the last dense layer skips it")
+    ap.add_argument("--objective", choices=OBJECTIVES,
+                    help="price every candidate plan with this machine's calibration and pick "
+                         "by objective (prints the trade-off table); without it, the plan "
+                         "given by --first-conv/--precise")
+    ap.add_argument("--max-key-mb", type=float, help="limit for --objective")
+    ap.add_argument("--max-upload-kb", type=float, help="limit per image for --objective")
+    ap.add_argument("--max-memory-gb", type=float, help="limit for --objective (estimated)")
+    ap.add_argument("--max-latency-ms", type=float, help="limit for --objective")
     args = ap.parse_args(argv)
     model = _load(args.model)
     calib_x = calib_y = None
@@ -64,8 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     model, records = rewrite(model, calib_x, calib_y, degree=args.degree)
     rewrites_text = format_records(records)
     print(f"HE-friendly rewrites of {model.name}:\n{rewrites_text}\n")
-    plan = lower(model, first_conv=args.first_conv,
-                 final_rescale=True if args.precise else None)
+    if args.objective:
+        cands = candidates(model)
+        best = choose(cands, args.objective, args.max_key_mb, args.max_upload_kb,
+                      args.max_memory_gb, precise=args.precise,
+                      max_latency_ms=args.max_latency_ms)
+        print(f"candidates, objective {args.objective}:\n{trade_off_table(cands, best)}\n")
+        rewrites_text += f"\n\nobjective {args.objective}:\n{trade_off_table(cands, best)}"
+        plan = best.plan
+    else:
+        plan = lower(model, first_conv=args.first_conv,
+                     final_rescale=True if args.precise else None)
     cal = None
     if args.calibrate or calibration_path(plan.params).exists():
         cal = load_or_calibrate(plan.params)
