@@ -25,8 +25,14 @@ test: $(STAMP) $(PYFHEL_STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Benchmarks: run on an otherwise idle machine (2 cores: anything else in parallel skews them).
 bench: $(STAMP)
+	$(PY) -m heinfer_packing.calibrate --bits 51,29,29,29,29,51
+	$(PY) -m heinfer_packing.calibrate --bits 34,29,29,29,29,29,39
 	$(PY) -m bench.first_bench
+	$(PY) -m bench.service_bench
+	$(PY) -m bench.throughput_bench
+	$(PY) -m bench.plots
 
 train: $(STAMP)
 	$(PY) -m pip install -q -e ".[train]"
