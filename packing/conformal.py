@@ -1,0 +1,109 @@
+"""Conformal linearized layers (Sousa, Fernandes, Vasconcelos, SIBGRAPI 2021, arXiv 2110.12108).
+
+A ReSPro network carries a pair (y, w) standing for the point y / w: y = x, w = ||x|| at the
+input; bias-free convolutions and average pooling act on y only; each ReSPro activation updates
+w <- (||y||^2 + a^2 w) / (2a) with a > 0. Unrolling the recursion over K blocks, with L_k the
+linear map from x to the y after block k:
+
+    w_K = c0 ||x|| + sum_k coef_k ||L_k x||^2,   c0 = prod_k a_k / 2,
+    coef_k = (prod_{j>k} a_j / 2) / (2 a_k),
+
+so the whole stack and its classifier (W, b) collapse to
+
+    logits = M x / (c0 ||x|| + x^T T x) + b,   M = W L_K,   T = sum_k coef_k L_k^T L_k = R^T R.
+
+The server computes z = M x and q = ||R x||^2 on ciphertexts (depth 2 whatever K is); the client,
+which knows x, adds c0 ||x||, divides and adds b. R is either the stacked per-block factors
+sqrt(coef_k) L_k or, when that has more rows, the low-rank factor from T's eigendecomposition;
+the choice is recorded. Never rescale x or (y, w): the map is not homogeneous.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from heinfer import reference
+from heinfer.errors import ModelFormatError
+
+
+@dataclass
+class ConformalBlock:
+    weight: np.ndarray          # (Co, Ci, k, k), no bias
+    a: float                    # ReSPro parameter, > 0
+    stride: int = 1
+    padding: int = 0
+    pool: int | None = None     # average pooling kernel (= stride) after the convolution
+
+    def linear(self, y: np.ndarray) -> np.ndarray:
+        y = reference.conv2d(y, self.weight, None, self.stride, self.padding)
+        return reference.avgpool2d(y, self.pool, self.pool) if self.pool else y
+
+
+@dataclass
+class ConformalNet:
+    input_shape: tuple[int, int, int]
+    blocks: list[ConformalBlock]
+    classifier_weight: np.ndarray   # (classes, features of the last y)
+    classifier_bias: np.ndarray
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(not b.a > 0 for b in self.blocks):
+            raise ModelFormatError("every ReSPro parameter a must be > 0 (the denominator "
+                                   "must stay positive)")
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Layer by layer, as trained: the oracle the collapse is checked against."""
+        y = np.asarray(x, dtype=np.float64)
+        w = float(np.linalg.norm(y))
+        for b in self.blocks:
+            y = b.linear(y)
+            w = (float(np.sum(y * y)) + b.a * b.a * w) / (2 * b.a)
+        return self.classifier_weight @ (y.reshape(-1) / w) + self.classifier_bias
+
+
+@dataclass
+class Collapsed:
+    M: np.ndarray           # (classes, N)
+    R: np.ndarray           # (rank, N), T = R^T R
+    c0: float
+    bias: np.ndarray
+    factor: str             # "per-block" or "low-rank"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        v = np.asarray(x, dtype=np.float64).reshape(-1)
+        denom = self.c0 * np.linalg.norm(v) + float(np.sum((self.R @ v) ** 2))
+        return self.M @ v / denom + self.bias
+
+    def finish(self, z: np.ndarray, q: float, x: np.ndarray) -> np.ndarray:
+        """Client side: from the decrypted z = M x and q = ||R x||^2 to logits."""
+        return z / (self.c0 * np.linalg.norm(np.asarray(x).reshape(-1)) + q) + self.bias
+
+
+def linear_maps(net: ConformalNet) -> list[np.ndarray]:
+    """L_k as matrices (features after block k, N inputs), by pushing the basis through."""
+    n = int(np.prod(net.input_shape))
+    maps, cols = [], [np.eye(n)[i].reshape(net.input_shape) for i in range(n)]
+    for b in net.blocks:
+        cols = [b.linear(c) for c in cols]
+        maps.append(np.stack([c.reshape(-1) for c in cols], axis=1))
+    return maps
+
+
+def collapse(net: ConformalNet, rank_tol: float = 1e-10) -> Collapsed:
+    a = [b.a for b in net.blocks]
+    maps = linear_maps(net)
+    c0 = math.prod(ak / 2 for ak in a)
+    coefs = [math.prod(aj / 2 for aj in a[k + 1:]) / (2 * a[k]) for k in range(len(a))]
+    per_block = np.concatenate([math.sqrt(c) * L for c, L in zip(coefs, maps, strict=True)])
+    T = per_block.T @ per_block
+    eig, vec = np.linalg.eigh(T)
+    keep = eig > rank_tol * max(eig.max(), 1e-300)
+    low_rank = (np.sqrt(eig[keep])[:, None] * vec[:, keep].T)[::-1]
+    R, factor = ((per_block, "per-block") if len(per_block) <= len(low_rank)
+                 else (low_rank, "low-rank"))
+    M = net.classifier_weight @ maps[-1]
+    return Collapsed(M, R, c0, np.asarray(net.classifier_bias, dtype=np.float64), factor)

@@ -1,0 +1,47 @@
+"""Conformal layers: the collapse M x / (c0 ||x|| + ||R x||^2) + b equals the layer-by-layer
+ReSPro forward pass, whatever the number of blocks."""
+
+import numpy as np
+import pytest
+
+from heinfer.errors import ModelFormatError
+from heinfer_packing.conformal import ConformalBlock, ConformalNet, collapse
+
+
+def random_net(rng, blocks: int, side: int = 12) -> ConformalNet:
+    layers, c = [], 1
+    for k in range(blocks):
+        layers.append(ConformalBlock(rng.normal(0, 0.4, (3, c, 3, 3)),
+                                     a=float(np.exp(rng.normal())), stride=1, padding=1,
+                                     pool=2 if k == 1 else None))
+        c = 3
+    y = np.zeros((1, side, side))
+    for b in layers:
+        y = b.linear(y)
+    return ConformalNet((1, side, side), layers, rng.normal(0, 0.2, (10, y.size)),
+                        rng.normal(0, 0.1, 10))
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4, 8])
+def test_collapse_equals_the_layer_by_layer_forward(rng, blocks):
+    net = random_net(rng, blocks)
+    c = collapse(net)
+    n = 12 * 12
+    assert c.M.shape == (10, n) and c.R.shape[1] == n and c.R.shape[0] <= n
+    for _ in range(3):
+        x = rng.normal(size=(1, 12, 12))
+        expected = net.forward(x)
+        np.testing.assert_allclose(c.forward(x), expected, rtol=1e-10, atol=1e-12)
+        # the client's part: from z = M x and q = ||R x||^2 to logits
+        v = x.reshape(-1)
+        np.testing.assert_allclose(c.finish(c.M @ v, float(np.sum((c.R @ v) ** 2)), x),
+                                   expected, rtol=1e-10, atol=1e-12)
+
+
+def test_t_is_positive_semidefinite_and_a_must_be_positive(rng):
+    c = collapse(random_net(rng, 3))
+    T = c.R.T @ c.R
+    assert np.linalg.eigvalsh(T).min() > -1e-9
+    with pytest.raises(ModelFormatError, match="a must be > 0"):
+        ConformalNet((1, 4, 4), [ConformalBlock(np.ones((1, 1, 3, 3)), a=0.0, padding=1)],
+                     np.ones((2, 16)), np.zeros(2))
