@@ -107,3 +107,44 @@ def collapse(net: ConformalNet, rank_tol: float = 1e-10) -> Collapsed:
                  else (low_rank, "low-rank"))
     M = net.classifier_weight @ maps[-1]
     return Collapsed(M, R, c0, np.asarray(net.classifier_bias, dtype=np.float64), factor)
+
+
+def save_conformal(net: ConformalNet, directory, name: str, labels: list[str] | None = None,
+                   metadata: dict | None = None):
+    """`DIR/conformal.json` (blocks: stride, padding, pool, a) + `DIR/weights.npz`
+    (`block{i}.weight`, `classifier.weight`, `classifier.bias`)."""
+    import json
+    from pathlib import Path
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {"format": "heinfer-conformal", "version": 1, "name": name,
+           "input_shape": list(net.input_shape),
+           "blocks": [{"stride": b.stride, "padding": b.padding, "pool": b.pool, "a": b.a}
+                      for b in net.blocks],
+           "labels": labels or [], "metadata": {**net.metadata, **(metadata or {})}}
+    (d / "conformal.json").write_text(json.dumps(doc, indent=1) + "\n")
+    arrays = {f"block{i}.weight": b.weight for i, b in enumerate(net.blocks)}
+    arrays["classifier.weight"] = net.classifier_weight
+    arrays["classifier.bias"] = net.classifier_bias
+    np.savez_compressed(d / "weights.npz", **arrays)
+    return d
+
+
+def load_conformal(directory) -> tuple[ConformalNet, dict]:
+    import json
+    from pathlib import Path
+
+    d = Path(directory)
+    try:
+        doc = json.loads((d / "conformal.json").read_text())
+    except FileNotFoundError as e:
+        raise ModelFormatError(f"no conformal.json in {d}") from e
+    if doc.get("format") != "heinfer-conformal" or doc.get("version") != 1:
+        raise ModelFormatError(f"{d}/conformal.json is not a heinfer-conformal v1 file")
+    with np.load(d / "weights.npz") as w:
+        blocks = [ConformalBlock(w[f"block{i}.weight"], float(b["a"]), b["stride"],
+                                 b["padding"], b["pool"]) for i, b in enumerate(doc["blocks"])]
+        net = ConformalNet(tuple(doc["input_shape"]), blocks, w["classifier.weight"],
+                           w["classifier.bias"], doc.get("metadata", {}))
+    return net, doc

@@ -45,3 +45,14 @@ def test_t_is_positive_semidefinite_and_a_must_be_positive(rng):
     with pytest.raises(ModelFormatError, match="a must be > 0"):
         ConformalNet((1, 4, 4), [ConformalBlock(np.ones((1, 1, 3, 3)), a=0.0, padding=1)],
                      np.ones((2, 16)), np.zeros(2))
+
+
+def test_conformal_file_roundtrip(rng, tmp_path):
+    from heinfer_packing.conformal import load_conformal, save_conformal
+
+    net = random_net(rng, 2)
+    save_conformal(net, tmp_path / "c", "c2", labels=["a"] * 10)
+    again, doc = load_conformal(tmp_path / "c")
+    x = rng.normal(size=(1, 12, 12))
+    np.testing.assert_array_equal(again.forward(x), net.forward(x))
+    assert doc["name"] == "c2"
