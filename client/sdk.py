@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 
 from heinfer import __version__
+from heinfer.codec import finish_output
 from heinfer.errors import InsecureParamsError, LayoutError, ParamsMismatchError
 from heinfer.plan import PLAN_FORMAT_VERSION, ModelSpec
 from heinfer_client import errors
@@ -341,7 +342,9 @@ class Session:
         t0 = time.perf_counter()
         body = self.encode_encrypt(x)
         r = self.predict_encrypted(body)
-        logits = np.asarray(self.decrypt_decode(r.content), dtype=np.float64).reshape(-1)
+        decoded = np.asarray(self.decrypt_decode(r.content), dtype=np.float64).reshape(-1)
+        # conformal models finish on the client, which knows x (see heinfer.codec)
+        logits = finish_output(self.model.spec, decoded, self.model.preprocess(x))
         seconds = time.perf_counter() - t0
         label = int(np.argmax(logits))
         names = self.model.labels

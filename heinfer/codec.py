@@ -42,3 +42,16 @@ def decrypt_decode_batch(be: Backend, spec: ModelSpec, cts: list[Ciphertext],
                          batch: int) -> np.ndarray:
     out = spec.output_layout_obj()
     return out.unpack_batch([be.decrypt(ct) for ct in cts], batch) * spec.output.scale
+
+
+def finish_output(spec: ModelSpec, decoded: np.ndarray, x: np.ndarray | None) -> np.ndarray:
+    """Decoded outputs -> logits. Plain models: unchanged. Conformal models: the client adds
+    c0 ||x|| (it knows x), divides and adds the bias."""
+    out = spec.output
+    if out.kind != "conformal":
+        return decoded
+    if x is None:
+        raise LayoutError(f"model {spec.name} is conformal: decoding needs the input x")
+    z, q = decoded[:-1], float(decoded[-1])
+    return z / (out.c0 * float(np.linalg.norm(np.asarray(x).reshape(-1))) + q) + np.asarray(
+        out.bias)

@@ -221,6 +221,7 @@ class SlotLayout:
 
     slot_index: tuple[int, ...]
     slots: int
+    ct_index: tuple[int, ...] = ()  # empty: all in ciphertext 0
     kind: str = "slots"
 
     @property
@@ -229,7 +230,7 @@ class SlotLayout:
 
     @property
     def n_ct(self) -> int:
-        return 1
+        return max(self.ct_index) + 1 if self.ct_index else 1
 
     @property
     def size(self) -> int:
@@ -240,15 +241,19 @@ class SlotLayout:
 
     def positions(self) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(self.slot_index, dtype=int)
-        return np.zeros(len(idx), dtype=int), idx
+        cts = (np.asarray(self.ct_index, dtype=int) if self.ct_index
+               else np.zeros(len(idx), dtype=int))
+        return cts, idx
 
     def pack(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
         if x.shape != self.shape:
             raise LayoutError(f"vector of length {x.size} does not match layout {self}")
-        out = np.zeros(self.slots)
-        out[self.positions()[1]] = x
-        return [out]
+        cts, idx = self.positions()
+        out = [np.zeros(self.slots) for _ in range(self.n_ct)]
+        for c in range(self.n_ct):
+            out[c][idx[cts == c]] = x[cts == c]
+        return out
 
     def __str__(self) -> str:
         idx = self.slot_index
@@ -313,7 +318,7 @@ def layout_from_dict(d: dict[str, Any]) -> Layout:
     cls = _KINDS.get(d.get("kind", ""))
     if cls is None:
         raise LayoutError(f"unknown layout kind {d.get('kind')!r}")
-    for key in ("shape", "in_shape", "kernel", "slot_index"):
+    for key in ("shape", "in_shape", "kernel", "slot_index", "ct_index"):
         if key in d:
             d[key] = tuple(d[key])
     return cls(**d)

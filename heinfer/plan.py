@@ -40,6 +40,11 @@ class OutputSpec(BaseModel):
     layout: dict[str, Any] = Field(description="where the outputs sit in the decrypted slots")
     scale: float = Field(default=1.0, description="multiply decoded values by this")
     labels: list[str] = Field(default_factory=list)
+    kind: str = Field(default="logits", description="'logits', or 'conformal': decoded values "
+                      "are z (one per class) then q; logits = z / (c0 ||x|| + q) + bias, "
+                      "computed by the client, which knows x")
+    c0: float | None = None
+    bias: list[float] | None = None
 
 
 class ModelSpec(BaseModel):
@@ -114,7 +119,8 @@ class Plan:
             input_layout=layout_to_dict(self.input_layout),
             rotation_steps=steps,
             output=OutputSpec(layout=layout_to_dict(kernels[-1].out_layout),
-                              scale=self.output_scale, labels=self.labels),
+                              scale=self.output_scale, labels=self.labels,
+                              **self.metadata.get("output", {})),
             depth=self.params.top_level - kernels[-1].out_level,
         )
 
@@ -209,6 +215,11 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
         return Square(ctx, layout, level, scale, a.get("constant", 0.0))
     if step.op == "poly2":
         return Poly2(ctx, a["coeffs"], layout, level, scale)
+    if step.op == "conformal_head":
+        from heinfer.kernels.conformal import ConformalHead
+
+        return ConformalHead(ctx, a["n_logits"], layout, level, scale,
+                             a.get("headroom_bits", 10))
     if step.op == "batch_linear":
         from heinfer.kernels.batch import BatchLinear, conv_matrix
 

@@ -15,10 +15,11 @@ from tqdm import tqdm
 from heinfer.backends import backend_for_spec, make_backend
 from heinfer.backends.base import EvalKeyBytes
 from heinfer.backends.counting import CountingBackend
-from heinfer.codec import encode_encrypt_bytes
+from heinfer.codec import encode_encrypt_bytes, finish_output
 from heinfer.params import CKKSParams
 from heinfer.plan import CompiledPlan, Plan
 from heinfer.profile import profile_layers
+from heinfer_packing.conformal import ConformalNet, lower_conformal
 from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import Model
 
@@ -83,13 +84,23 @@ class EncryptedEval:
         return out
 
 
+def decode_logits(spec, vectors: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Decoded outputs -> logits (conformal models finish on the client with x)."""
+    return finish_output(spec, spec.decode(vectors), x)
+
+
 def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
                        params: CKKSParams | None = None, progress: bool = True,
                        count_ops: bool = True, backend: str = "tenseal",
                        precise: bool = False) -> EncryptedEval:
     """`precise`: keep the last layer's rescale (one more prime, larger special prime: about
     10x smaller logit error, about 1.4x the server time)."""
-    plan = lower(model, params, first_conv=first_conv, final_rescale=True if precise else None)
+    if isinstance(model, ConformalNet):
+        plan, _ = lower_conformal(model, model.metadata.get("name", "conformal"),
+                                  calib_x=xs[:64], params=params)
+    else:
+        plan = lower(model, params, first_conv=first_conv,
+                     final_rescale=True if precise else None)
     server_be = make_backend(plan.params, backend)
     compiled = CompiledPlan(plan, server_be)
     spec = compiled.spec
@@ -101,7 +112,8 @@ def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
     server_be.load_eval_keys(EvalKeyBytes(keys.relin_keys, keys.galois_keys,
                                           keys.rotation_steps))
     result = EncryptedEval(plan, keys.nbytes(), keygen_s, backend=spec.backend)
-    for x in tqdm(xs, desc=f"encrypted {model.name}", unit="img", disable=not progress):
+    name = getattr(model, "name", plan.name)
+    for x in tqdm(xs, desc=f"encrypted {name}", unit="img", disable=not progress):
         t0 = time.perf_counter()
         body = encode_encrypt_bytes(client_be, spec, x)
         t1 = time.perf_counter()
@@ -109,8 +121,8 @@ def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
         out = compiled.run(cts)
         reply = [server_be.ciphertext_to_bytes(c) for c in out]
         t2 = time.perf_counter()
-        logits = spec.decode([client_be.decrypt(client_be.ciphertext_from_bytes(b))
-                              for b in reply])
+        logits = decode_logits(spec, [client_be.decrypt(client_be.ciphertext_from_bytes(b))
+                                      for b in reply], x)
         t3 = time.perf_counter()
         result.encrypt_s.append(t1 - t0)
         result.server_s.append(t2 - t1)

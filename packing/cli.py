@@ -37,6 +37,29 @@ def _load(source: str):
     return zoo.load(source)
 
 
+def _compile_conformal(net, args) -> int:
+    from heinfer_models import fashion_mnist
+    from heinfer_packing.conformal import lower_conformal
+
+    calib = None
+    if args.calib_fmnist:
+        images, _ = fashion_mnist.load("train")
+        calib = fashion_mnist.normalize(images[: args.calib_fmnist])
+    plan, col = lower_conformal(net, net.metadata.get("name", "conformal"),
+                                net.metadata.get("labels"), calib_x=calib)
+    cal = load_or_calibrate(plan.params) if (
+        args.calibrate or calibration_path(plan.params).exists()) else None
+    text = (f"conformal network, {len(net.blocks)} blocks, collapsed: M {col.M.shape}, "
+            f"R {col.R.shape} ({col.factor} factor), c0 {col.c0:.4g}\n\n"
+            + report(plan, cal).to_text())
+    print(text)
+    if args.out:
+        json_path = plan.save(args.out)
+        Path(f"{args.out}.report.txt").write_text(text + "\n")
+        print(f"\nwrote {json_path}, {args.out}.plan.npz and {args.out}.report.txt")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="heinfer-compile", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="model directory (model.json + weights.npz) or zoo name")
@@ -61,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-latency-ms", type=float, help="limit for --objective")
     args = ap.parse_args(argv)
     model = _load(args.model)
+    from heinfer_packing.conformal import ConformalNet
+
+    if isinstance(model, ConformalNet):
+        return _compile_conformal(model, args)
     calib_x = calib_y = None
     if args.calib_npz:
         with np.load(args.calib_npz) as data:

@@ -148,3 +148,44 @@ def load_conformal(directory) -> tuple[ConformalNet, dict]:
         net = ConformalNet(tuple(doc["input_shape"]), blocks, w["classifier.weight"],
                            w["classifier.bias"], doc.get("metadata", {}))
     return net, doc
+
+
+def lower_conformal(net: ConformalNet, name: str, labels: list[str] | None = None,
+                    calib_x: np.ndarray | None = None, params=None, replicas: int = 2):
+    """Collapse and lower to a plan: dense [M; R] on x (the client sends x in `replicas` copies,
+    which halves the dense layer's work), then `conformal_head`. Depth 2 for any number of
+    blocks; the parameters are chosen for depth 2, the first prime holding q."""
+    from heinfer.backends.symbolic import SymbolicBackend
+    from heinfer.kernels.dense import MIN_WEIGHT_SCALE_BITS
+    from heinfer.layout import GridLayout
+    from heinfer.plan import Plan, PlanStep
+    from heinfer_packing.lower import choose_params
+
+    col = collapse(net)
+    n_logits = col.M.shape[0]
+    q_max = 100.0
+    if calib_x is not None and len(calib_x):
+        q_max = max(float(np.sum((col.R @ np.asarray(x).reshape(-1)) ** 2)) for x in calib_x)
+    headroom = math.ceil(math.log2(max(q_max, 1.0) * 2)) + 1
+    params = params or choose_params(2, final_rescale=False)
+    c, h, w = net.input_shape
+    layout = GridLayout((c, h, w), params.slots, c, h * w, w, 1, 0,
+                        replicas, params.slots // replicas)
+    steps = [PlanStep("dense", {}, np.vstack([col.M, col.R]), None),
+             PlanStep("conformal_head", {"n_logits": n_logits, "headroom_bits": headroom})]
+    plan = Plan(name, params, tuple(net.input_shape), layout, steps, 1.0, list(labels or []),
+                {"conformal": {"factor": col.factor, "rank": int(col.R.shape[0]),
+                               "blocks": len(net.blocks)},
+                 "output": {"kind": "conformal", "c0": col.c0,
+                            "bias": [float(b) for b in col.bias]}})
+    # the squares must leave 2^20 for the mask's scale under q's headroom: lower the running
+    # scale on the dense layer if needed (the square doubles the saving)
+    probe = Plan(name, params, tuple(net.input_shape), layout, steps[:1])
+    first = probe.build_kernels(SymbolicBackend(params), encode=False)[0]
+    bits_left = sum(params.coeff_mod_bits[: first.out_level]) - 1
+    square_bits = 2 * math.log2(first.out_scale) - math.log2(
+        SymbolicBackend(params).prime(first.out_level))
+    excess = square_bits + headroom + MIN_WEIGHT_SCALE_BITS - bits_left
+    if excess > 0:
+        steps[0].attrs["scale_down_bits"] = math.ceil(excess / 2)
+    return plan, col

@@ -56,3 +56,27 @@ def test_conformal_file_roundtrip(rng, tmp_path):
     x = rng.normal(size=(1, 12, 12))
     np.testing.assert_array_equal(again.forward(x), net.forward(x))
     assert doc["name"] == "c2"
+
+
+@pytest.mark.parametrize("blocks", [1, 8])
+def test_encrypted_conformal_is_depth_two_and_matches(rng, blocks):
+    from heinfer.backends import make_backend
+    from heinfer.codec import decrypt_decode, encode_encrypt, finish_output
+    from heinfer.plan import CompiledPlan
+    from heinfer_packing.conformal import lower_conformal
+
+    net = random_net(rng, blocks)
+    xs = rng.normal(size=(3, 1, 12, 12))
+    plan, col = lower_conformal(net, f"c{blocks}", calib_x=xs)
+    be = make_backend(plan.params)
+    spec = plan.spec(be)
+    assert spec.depth == 2 and spec.output.kind == "conformal"
+    assert plan.params.security_bits() == 128
+    be.generate_keys(spec.rotation_steps)
+    compiled = CompiledPlan(plan, be)
+    for x in xs:
+        out = compiled.run(encode_encrypt(be, spec, x))
+        assert len(out) == 2  # z and q
+        logits = finish_output(spec, decrypt_decode(be, spec, out), x)
+        expected = net.forward(x)
+        assert np.abs(logits - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
