@@ -80,3 +80,26 @@ def test_encrypted_conformal_is_depth_two_and_matches(rng, blocks):
         logits = finish_output(spec, decrypt_decode(be, spec, out), x)
         expected = net.forward(x)
         assert np.abs(logits - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+def test_conformal_model_through_the_server_and_sdk(rng, tmp_path):
+    """Like any other model: plan added to a real server, five SDK lines, logits finished on the
+    client with its own x."""
+    from heinfer_client import Client
+    from heinfer_packing.conformal import lower_conformal
+    from tests.test_server_support import ALICE, running_server
+
+    net = random_net(rng, 4)
+    xs = rng.normal(size=(2, 1, 12, 12))
+    plan, _ = lower_conformal(net, "conformal4", labels=[str(i) for i in range(10)],
+                              calib_x=xs)
+    plan_json = plan.save(tmp_path / "plans" / "conformal4")
+    with running_server(tmp_path / "srv", [plan_json]) as srv:
+        c = Client(srv.url, ALICE, keystore=tmp_path / "keys")
+        s = c.model("conformal4").session()
+        for x in xs:
+            p = s.predict(x)
+            expected = net.forward(x)
+            assert np.abs(p.logits - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+            assert p.label == int(np.argmax(expected))
+        c.close()
