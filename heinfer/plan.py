@@ -215,11 +215,11 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
         return Square(ctx, layout, level, scale, a.get("constant", 0.0))
     if step.op == "poly2":
         return Poly2(ctx, a["coeffs"], layout, level, scale)
-    if step.op == "conformal_head":
-        from heinfer.kernels.conformal import ConformalHead
+    if step.op == "conformal":
+        from heinfer.kernels.conformal import ConformalKernel
 
-        return ConformalHead(ctx, a["n_logits"], layout, level, scale,
-                             a.get("headroom_bits", 10))
+        return ConformalKernel(ctx, step.weight, a["n_logits"], layout, level, scale,
+                               a.get("headroom_bits", 10))
     if step.op == "batch_linear":
         from heinfer.kernels.batch import BatchLinear, conv_matrix
 

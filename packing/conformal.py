@@ -152,11 +152,9 @@ def load_conformal(directory) -> tuple[ConformalNet, dict]:
 
 def lower_conformal(net: ConformalNet, name: str, labels: list[str] | None = None,
                     calib_x: np.ndarray | None = None, params=None, replicas: int = 2):
-    """Collapse and lower to a plan: dense [M; R] on x (the client sends x in `replicas` copies,
-    which halves the dense layer's work), then `conformal_head`. Depth 2 for any number of
-    blocks; the parameters are chosen for depth 2, the first prime holding q."""
-    from heinfer.backends.symbolic import SymbolicBackend
-    from heinfer.kernels.dense import MIN_WEIGHT_SCALE_BITS
+    """Collapse and lower to a one-step plan (`ConformalKernel`: z = M x and q = ||R x||^2; the
+    client sends x in `replicas` copies, which halves the dense layers' work). Depth 2 for any
+    number of blocks; parameters chosen for depth 2, the first prime holding q."""
     from heinfer.layout import GridLayout
     from heinfer.plan import Plan, PlanStep
     from heinfer_packing.lower import choose_params
@@ -171,21 +169,11 @@ def lower_conformal(net: ConformalNet, name: str, labels: list[str] | None = Non
     c, h, w = net.input_shape
     layout = GridLayout((c, h, w), params.slots, c, h * w, w, 1, 0,
                         replicas, params.slots // replicas)
-    steps = [PlanStep("dense", {}, np.vstack([col.M, col.R]), None),
-             PlanStep("conformal_head", {"n_logits": n_logits, "headroom_bits": headroom})]
+    steps = [PlanStep("conformal", {"n_logits": n_logits, "headroom_bits": headroom},
+                      np.vstack([col.M, col.R]), None)]
     plan = Plan(name, params, tuple(net.input_shape), layout, steps, 1.0, list(labels or []),
                 {"conformal": {"factor": col.factor, "rank": int(col.R.shape[0]),
                                "blocks": len(net.blocks)},
                  "output": {"kind": "conformal", "c0": col.c0,
                             "bias": [float(b) for b in col.bias]}})
-    # the squares must leave 2^20 for the mask's scale under q's headroom: lower the running
-    # scale on the dense layer if needed (the square doubles the saving)
-    probe = Plan(name, params, tuple(net.input_shape), layout, steps[:1])
-    first = probe.build_kernels(SymbolicBackend(params), encode=False)[0]
-    bits_left = sum(params.coeff_mod_bits[: first.out_level]) - 1
-    square_bits = 2 * math.log2(first.out_scale) - math.log2(
-        SymbolicBackend(params).prime(first.out_level))
-    excess = square_bits + headroom + MIN_WEIGHT_SCALE_BITS - bits_left
-    if excess > 0:
-        steps[0].attrs["scale_down_bits"] = math.ceil(excess / 2)
     return plan, col
