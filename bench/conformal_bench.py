@@ -31,13 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--agreement-images", type=int, default=500)
+    ap.add_argument("--measure-deep", action="store_true",
+                    help="also evaluate deep polynomial networks encrypted (minutes per image "
+                         "at n=32768) instead of pricing them with the calibration")
+    ap.add_argument("--only", choices=["conformal", "polynomial"])
+    ap.add_argument("--merge", action="store_true", help="update rows in the existing JSON")
     args = ap.parse_args(argv)
     images, labels = fashion_mnist.load("test")
     xs = fashion_mnist.normalize(images[: max(args.images, args.agreement_images)])
     rows = []
     for k in args.blocks:
         conf_name, poly_name = f"fmnist-conformal-{k}", f"fmnist-polyconv-{k}"
-        if conf_name in zoo.names():
+        if conf_name in zoo.names() and args.only != "polynomial":
             net = zoo.load(conf_name)
             n = args.agreement_images if k == max(args.blocks) else args.images
             res = evaluate_encrypted(net, xs[:n], progress=False, count_ops=False)
@@ -51,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                          "factor": res.plan.metadata["conformal"]["factor"],
                          "rank": res.plan.metadata["conformal"]["rank"]})
             print(rows[-1])
-        if poly_name in zoo.names():
+        if poly_name in zoo.names() and args.only != "conformal":
             model = zoo.load(poly_name)
             plan = lower(model)
             depth = plan_depth(plan.steps)
             row = {"family": "polynomial", "blocks": k, "depth": depth,
                    "ring": plan.params.poly_modulus_degree,
                    "plaintext_accuracy": model.metadata.get("plaintext_accuracy")}
-            if depth <= MAX_MEASURED_DEPTH:
+            if depth <= MAX_MEASURED_DEPTH or args.measure_deep:
                 res = evaluate_encrypted(model, xs[: args.images], progress=False,
                                          count_ops=False)
                 s = res.summary(labels[: args.images])
@@ -71,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(rows[-1])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "conformal_bench.json").write_text(json.dumps(
+    path = RESULTS / "conformal_bench.json"
+    if args.merge and path.exists():
+        new = {(r["family"], r["blocks"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"]
+                if (r["family"], r["blocks"]) not in new] + rows
+    path.write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1, default=float) + "\n")
     _plot(rows)
     return 0

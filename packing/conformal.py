@@ -165,7 +165,8 @@ def lower_conformal(net: ConformalNet, name: str, labels: list[str] | None = Non
     if calib_x is not None and len(calib_x):
         q_max = max(float(np.sum((col.R @ np.asarray(x).reshape(-1)) ** 2)) for x in calib_x)
     headroom = math.ceil(math.log2(max(q_max, 1.0) * 2)) + 1
-    params = params or choose_params(2, final_rescale=False)
+    # a 40-bit scale: z and q are small and the client divides by q, so precision counts
+    params = params or choose_params(2, scale_bits=40, final_rescale=False, out_bits=headroom)
     c, h, w = net.input_shape
     layout = GridLayout((c, h, w), params.slots, c, h * w, w, 1, 0,
                         replicas, params.slots // replicas)

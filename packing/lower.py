@@ -105,7 +105,12 @@ def choose_params(depth: int, scale_bits: int = 29, min_slots: int = 0,
             first = scale_bits + 1 + out_bits
             special = min(MAX_SPECIAL_PRIME_BITS, 60, budget - first)
         else:
-            first = special = min(60, budget // 2)
+            # the first prime holds scale x 2^20 (weights) x output; give the special prime
+            # what is left when that leaves it larger, else split evenly
+            first = min(60, scale_bits + 20 + out_bits + 1)
+            special = min(60, budget - first)
+            if special < first:
+                first = special = min(60, budget // 2)
         if special >= first and first >= scale_bits + 4:
             return CKKSParams(poly_modulus_degree=n,
                               coeff_mod_bits=[first] + [scale_bits] * depth + [special],
