@@ -70,6 +70,22 @@ def check_room(params: CKKSParams, level: int, scale: float, what: str) -> None:
         )
 
 
+def check_rescale(params: CKKSParams, level: int, scale: float, prime: int) -> None:
+    """A rescale needs a prime left to drop and a scale that stays above 1 after it."""
+    from heinfer.errors import DepthExhaustedError, ScaleMismatchError
+
+    if level == 0:
+        raise DepthExhaustedError(
+            f"rescale at level 0: the computation needs more multiplicative depth than "
+            f"{params.describe()} offers; add data primes or reduce the plan's depth"
+        )
+    if scale / prime < 2.0:
+        raise ScaleMismatchError(
+            f"rescale would drop the scale 2^{np.log2(scale):.1f} below 1 (prime "
+            f"2^{np.log2(prime):.1f}); multiply before rescaling"
+        )
+
+
 @dataclass
 class EvalKeyBytes:
     """What a client sends so a server can evaluate: serialized (seeded) public material only."""

@@ -35,6 +35,7 @@ from heinfer.backends.base import (
     Ciphertext,
     EvalKeyBytes,
     check_encode_scale,
+    check_rescale,
     check_room,
     check_same_level_and_scale,
 )
@@ -283,17 +284,8 @@ class PyfhelBackend:
         return out
 
     def rescale_inplace(self, a: Ciphertext) -> None:
-        level = self.level(a)
-        if level == 0:
-            raise DepthExhaustedError(
-                f"rescale at level 0: the computation needs more multiplicative depth than "
-                f"{self.params.describe()} offers; add data primes or reduce the plan's depth"
-            )
-        if a.scale / self.prime(level) < 2.0:
-            raise ScaleMismatchError(
-                f"rescale would drop the scale 2^{np.log2(a.scale):.1f} below 1 (prime "
-                f"2^{np.log2(self.prime(level)):.1f}); multiply before rescaling"
-            )
+        check_rescale(self.params, self.level(a), a.scale,
+                      self.prime(self.level(a)) if self.level(a) else 0)
         self.he.rescale_to_next(a)
 
     def mod_switch_to_inplace(self, a: Ciphertext, level: int) -> None:

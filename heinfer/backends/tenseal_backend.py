@@ -23,13 +23,13 @@ from heinfer.backends.base import (
     EvalKeyBytes,
     Plaintext,
     check_encode_scale,
+    check_rescale,
     check_room,
     check_same_level_and_scale,
     galois_element,
 )
 from heinfer.backends.sealwire import check_seal_bytes, wire_format
 from heinfer.errors import (
-    DepthExhaustedError,
     MissingKeyError,
     ParamsMismatchError,
     ScaleMismatchError,
@@ -272,17 +272,8 @@ class TensealBackend:
         return out
 
     def rescale_inplace(self, a: Ciphertext) -> None:
-        level = self.level(a)
-        if level == 0:
-            raise DepthExhaustedError(
-                f"rescale at level 0: the computation needs more multiplicative depth than "
-                f"{self.params.describe()} offers; add data primes or reduce the plan's depth"
-            )
-        if a.scale / self.prime(level) < 2.0:
-            raise ScaleMismatchError(
-                f"rescale would drop the scale 2^{np.log2(a.scale):.1f} below 1 (prime "
-                f"2^{np.log2(self.prime(level)):.1f}); multiply before rescaling"
-            )
+        check_rescale(self.params, self.level(a), a.scale,
+                      self.prime(self.level(a)) if self.level(a) else 0)
         self.evaluator.rescale_to_next_inplace(a)
 
     def mod_switch_to_inplace(self, a: Ciphertext, level: int) -> None:
