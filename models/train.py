@@ -80,14 +80,14 @@ TEST_IMAGES = 10_000
 # torch part
 # --------------------------------------------------------------------------------------------
 
-def _build_torch_net(spec: dict[str, Any], batchnorm: bool, dropout: float = 0.0):
+def poly_act(coeffs: list[float], trainable: bool):
+    """A torch module c0 + c1 x + c2 x^2, coefficients learned or fixed (shared by the training
+    scripts; torch is imported here, never at module import)."""
     import torch
     from torch import nn
 
     class PolyAct(nn.Module):
-        """c0 + c1 x + c2 x^2, with the coefficients either learned or fixed."""
-
-        def __init__(self, coeffs: list[float], trainable: bool):
+        def __init__(self):
             super().__init__()
             t = torch.tensor(coeffs, dtype=torch.float32)
             if trainable:
@@ -98,6 +98,12 @@ def _build_torch_net(spec: dict[str, Any], batchnorm: bool, dropout: float = 0.0
         def forward(self, x):
             c = self.coeffs
             return c[0] + c[1] * x + c[2] * x * x
+
+    return PolyAct()
+
+
+def _build_torch_net(spec: dict[str, Any], batchnorm: bool, dropout: float = 0.0):
+    from torch import nn
 
     class Net(nn.Module):
         def __init__(self):
@@ -112,10 +118,10 @@ def _build_torch_net(spec: dict[str, Any], batchnorm: bool, dropout: float = 0.0
             self.bn1 = nn.BatchNorm2d(cs["out_channels"]) if batchnorm else None
             trained = spec["act"] == "trained"
             coeffs = spec["init"] if trained else spec["act"]
-            self.act1 = PolyAct(coeffs, trained)
+            self.act1 = poly_act(coeffs, trained)
             self.fc1 = nn.Linear(n_flat, spec["hidden"], bias=True)
             self.bn2 = nn.BatchNorm1d(spec["hidden"]) if batchnorm else None
-            self.act2 = PolyAct(coeffs, trained)
+            self.act2 = poly_act(coeffs, trained)
             self.fc2 = nn.Linear(spec["hidden"], 10, bias=True)
 
         def forward(self, x):

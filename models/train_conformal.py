@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from heinfer_models import fashion_mnist
-from heinfer_models.train import oracle_eval
+from heinfer_models.train import _fold_bn, oracle_eval, poly_act
 from heinfer_packing.conformal import (
     ConformalBlock,
     ConformalNet,
@@ -126,18 +126,8 @@ def _build_conformal(k: int, c: int):
 
 
 def _build_polyconv(k: int, c: int):
-    import torch
     import torch.nn.functional as F
     from torch import nn
-
-    class PolyAct(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.coeffs = nn.Parameter(torch.tensor(POLY_INIT, dtype=torch.float32))
-
-        def forward(self, x):
-            q = self.coeffs
-            return q[0] + q[1] * x + q[2] * x * x
 
     class PolyConv(nn.Module):
         def __init__(self):
@@ -145,7 +135,7 @@ def _build_polyconv(k: int, c: int):
             self.convs = nn.ModuleList(
                 nn.Conv2d(1 if i == 0 else c, c, 3, padding=1, bias=True) for i in range(k))
             self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(k))
-            self.acts = nn.ModuleList(PolyAct() for _ in range(k))
+            self.acts = nn.ModuleList(poly_act(POLY_INIT, True) for _ in range(k))
             self.pools = _pools(k)
             self.fc = nn.Linear(c * _out_side(k) ** 2, 10, bias=True)
 
@@ -233,10 +223,7 @@ def export_conformal(net, k: int) -> ConformalNet:
 def export_polyconv(net, k: int, name: str) -> Model:
     layers = []
     for i in range(k):
-        conv, bn = net.convs[i], net.bns[i]
-        s = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
-        w = _np(conv.weight) * s[:, None, None, None]
-        b = (_np(conv.bias) - _np(bn.running_mean)) * s + _np(bn.bias)
+        w, b = _fold_bn(net.convs[i].weight, net.convs[i].bias, net.bns[i])
         layers.append(Layer(f"conv{i + 1}", "conv2d", {"stride": 1, "padding": 1}, w, b))
         layers.append(Layer(f"act{i + 1}", "poly",
                             {"coeffs": [float(v) for v in _np(net.acts[i].coeffs)]}))
