@@ -73,6 +73,15 @@ class ModelSpec(BaseModel):
         return unpack(self.output_layout_obj(), vectors) * self.output.scale
 
 
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz weights file, or a ModelFormatError saying what is wrong with it."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as e:  # missing, truncated, not an npz
+        raise ModelFormatError(f"cannot read weights {path}: {e}") from e
+
+
 @dataclass
 class PlanStep:
     op: str
@@ -103,12 +112,15 @@ class Plan:
             layout, level, scale = k.out_layout, k.out_level, k.out_scale
         return kernels
 
-    def spec(self, backend: Backend | None = None) -> ModelSpec:
+    def spec(self, backend: Backend | None = None,
+             kernels: list[Kernel] | None = None) -> ModelSpec:
+        """The public spec; `kernels` already built on `backend` are reused (no second build)."""
         if backend is None:
             from heinfer.backends import make_backend
 
             backend = make_backend(self.params)
-        kernels = self.build_kernels(backend, encode=False)
+        if kernels is None:
+            kernels = self.build_kernels(backend, encode=False)
         steps = sorted(set().union(*[k.steps_used for k in kernels]))
         return ModelSpec(
             name=self.name,
@@ -183,8 +195,7 @@ class Plan:
                 f"{PLAN_FORMAT_VERSION}: recompile the model"
             )
         npz_path = Path(str(json_path).removesuffix(".json") + ".npz")
-        with np.load(npz_path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = read_npz(npz_path)
         steps = [PlanStep(s["op"], s["attrs"], arrays.get(f"{i}.weight"), arrays.get(f"{i}.bias"))
                  for i, s in enumerate(doc["steps"])]
         plan = cls(doc["name"], CKKSParams(**doc["params"]), tuple(doc["input_shape"]),
@@ -255,7 +266,7 @@ class CompiledPlan:
         self.plan = plan
         self.backend = backend
         self.kernels = plan.build_kernels(backend)
-        self.spec = plan.spec(backend)
+        self.spec = plan.spec(backend, self.kernels)
 
     def run(self, cts: list[Ciphertext], backend: Backend | None = None) -> list[Ciphertext]:
         be = backend or self.backend

@@ -60,7 +60,7 @@ def _compile_conformal(net, args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="heinfer-compile", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="model directory (model.json + weights.npz) or zoo name")
     ap.add_argument("--out", help="plan path prefix (writes PREFIX.plan.json/.npz/.report.txt)")
@@ -122,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{args.out}.report.txt").write_text(rewrites_text + "\n\n" + text + "\n")
         print(f"\nwrote {json_path}, {args.out}.plan.npz and {args.out}.report.txt")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A user's mistake (unknown model, unreadable file, impossible limits) is one clear line on
+    stderr and exit code 2, not a traceback."""
+    import sys
+
+    from heinfer.errors import HeinferError
+
+    try:
+        return _main(argv)
+    except HeinferError as e:
+        print(f"heinfer-compile: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

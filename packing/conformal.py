@@ -142,11 +142,16 @@ def load_conformal(directory) -> tuple[ConformalNet, dict]:
         raise ModelFormatError(f"no conformal.json in {d}") from e
     if doc.get("format") != "heinfer-conformal" or doc.get("version") != 1:
         raise ModelFormatError(f"{d}/conformal.json is not a heinfer-conformal v1 file")
-    with np.load(d / "weights.npz") as w:
+    from heinfer.plan import read_npz
+
+    w = read_npz(d / "weights.npz")
+    try:
         blocks = [ConformalBlock(w[f"block{i}.weight"], float(b["a"]), b["stride"],
                                  b["padding"], b["pool"]) for i, b in enumerate(doc["blocks"])]
         net = ConformalNet(tuple(doc["input_shape"]), blocks, w["classifier.weight"],
                            w["classifier.bias"], doc.get("metadata", {}))
+    except KeyError as e:
+        raise ModelFormatError(f"{d}: missing weights or attribute {e}") from e
     return net, doc
 
 

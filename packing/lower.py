@@ -23,6 +23,7 @@ from heinfer.plan import Plan, PlanStep
 from heinfer_packing.modelfile import Model
 
 LINEAR_OPS = ("conv2d", "dense")
+FIRST_CONV = ("im2col", "rotation")
 
 
 def fold_model(model: Model) -> tuple[list[PlanStep], float]:
@@ -149,6 +150,8 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
     default) = skip it when this function also chooses the parameters.
     `batch`: throughput mode, one image per slot (`BatchLayout`): same parameters and scales,
     linear layers as scalar multiply-accumulates over ciphertexts, no rotations."""
+    if first_conv not in FIRST_CONV:
+        raise ModelFormatError(f"first_conv {first_conv!r}: choose one of {FIRST_CONV}")
     steps, out_scale = fold_model(model)
     linear = [i for i, s in enumerate(steps) if s.op in LINEAR_OPS]
     if output_div != 1.0 and linear:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from heinfer.errors import ModelFormatError
+from heinfer.plan import read_npz
 
 FORMAT_NAME = "heinfer-model"
 FORMAT_VERSION = 1
@@ -104,6 +105,8 @@ def load_model(directory: str | Path) -> Model:
         doc = json.loads((directory / "model.json").read_text())
     except FileNotFoundError as e:
         raise ModelFormatError(f"no model.json in {directory}") from e
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{directory}/model.json is not valid JSON: {e}") from e
     if doc.get("format") != FORMAT_NAME:
         raise ModelFormatError(f"{directory}/model.json is not a {FORMAT_NAME} file")
     if doc.get("version") != FORMAT_VERSION:
@@ -111,8 +114,7 @@ def load_model(directory: str | Path) -> Model:
             f"model format version {doc.get('version')} is not supported (this heinfer reads "
             f"version {FORMAT_VERSION})"
         )
-    with np.load(directory / "weights.npz") as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    arrays = read_npz(directory / "weights.npz")
     layers = []
     for entry in doc["layers"]:
         op = entry["op"]

@@ -138,7 +138,10 @@ def load_onnx(path: str | Path, name: str | None = None) -> Model:
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(path))
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - onnx raises protobuf/OS errors of many types
+        raise ModelFormatError(f"cannot read ONNX model {path}: {e}") from e
     graph = proto.graph
     init = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init]

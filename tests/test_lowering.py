@@ -116,3 +116,36 @@ def test_default_lowering_skips_the_final_rescale(rng):
     assert plan.params.depth == plan_depth(plan.steps) == 4
     kernels = plan.build_kernels(SymbolicBackend(plan.params), encode=False)
     assert kernels[-1].out_level == kernels[-1].in_level == 0
+
+
+def test_bad_files_and_options_give_clear_errors(rng, tmp_path, capsys):
+    from heinfer_packing import cli
+    from heinfer_packing.conformal import load_conformal
+
+    save_model(small_cnn(rng), tmp_path / "m")
+    (tmp_path / "m" / "weights.npz").write_bytes(b"not an npz")
+    with pytest.raises(ModelFormatError, match="cannot read weights"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text("{broken")
+    with pytest.raises(ModelFormatError, match="not valid JSON"):
+        load_model(tmp_path / "m")
+    plan = lower(small_cnn(rng), small_params(5))
+    path = plan.save(tmp_path / "p")
+    (tmp_path / "p.plan.npz").unlink()
+    with pytest.raises(ModelFormatError, match="cannot read weights"):
+        Plan.load(path)
+    with pytest.raises(ModelFormatError, match="no conformal.json"):
+        load_conformal(tmp_path)
+    with pytest.raises(ModelFormatError, match="first_conv 'bogus'"):
+        lower(small_cnn(rng), small_params(5), first_conv="bogus")
+    assert cli.main(["no-such-model"]) == 2
+    assert "heinfer-compile: error: no model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_unreadable_onnx_is_a_clear_error(tmp_path):
+    pytest.importorskip("onnx")
+    from heinfer_packing.onnx_import import load_onnx
+
+    (tmp_path / "x.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelFormatError, match="cannot read ONNX model"):
+        load_onnx(tmp_path / "x.onnx")
