@@ -10,21 +10,18 @@ bench/results/first_bench.json. Not a test: figures are reported, never asserted
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.results_io import save_results
 from bench.tenseal_tutorial import run_tutorial
 from heinfer.backends import available_backends
 from heinfer.profile import format_profile
 from heinfer_models import fashion_mnist, zoo
 from heinfer_models.evaluate import evaluate_encrypted
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _row(name: str, r: dict) -> str:
@@ -96,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{h['max_logit_error'] / tut['max_logit_error']:.2f}x the tutorial's")
     for key, table in profiles.items():
         print(f"\nHE operations for one image, {key}:\n{table}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("first_bench_quick.json" if args.quick else "first_bench.json")
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
-                               "results": results}, indent=1, default=float) + "\n")
-    print(f"\nwrote {out}")
+    print()
+    save_results("first_bench", {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+                                      "results": results}, quick=args.quick)
     sane = all(np.isfinite(r["server_ms_mean"]) and r["server_ms_mean"] > 0
                for r in results.values())
     return 0 if sane else 1

@@ -12,7 +12,6 @@ Writes bench/results/service_bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.results_io import save_results
 from heinfer.backends import make_backend
 from heinfer.codec import encode_encrypt_bytes
 from heinfer.plan import CompiledPlan
@@ -31,8 +31,6 @@ from heinfer_client import Client
 from heinfer_client.local import LocalServer
 from heinfer_models import fashion_mnist, zoo
 from heinfer_packing.lower import lower
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def in_process_ms(plan, xs: np.ndarray) -> list[float]:
@@ -138,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                    date=time.strftime("%Y-%m-%d"), cores=os.cpu_count())
     print(f"\nround trip (1 worker, 1 client, p50) / in-process server time: {rt_ratio:.2f}x")
     print(f"throughput 2 workers / 1 worker at 4 concurrent clients: {scale:.2f}x")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("service_bench_quick.json" if args.quick else "service_bench.json")
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_results("service_bench", results, quick=args.quick)
     return 0
 
 

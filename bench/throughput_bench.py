@@ -16,18 +16,16 @@ import multiprocessing as mp
 import os
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.results_io import save_results
 from heinfer.backends import make_backend
 from heinfer.backends.base import EvalKeyBytes
 from heinfer.codec import decrypt_decode_batch, encode_encrypt_batch
 from heinfer.plan import CompiledPlan
 from heinfer_models import fashion_mnist, zoo
 from heinfer_packing.lower import lower
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _worker(model_name: str, relin: bytes, body: list[bytes], queue) -> None:
@@ -97,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["scaling"] = result["two_workers_images_per_s"] / result["one_worker_images_per_s"]
     print(json.dumps(result, indent=1))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("throughput_bench_quick.json" if args.quick else "throughput_bench.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_results("throughput_bench", result, quick=args.quick)
     return 0
 
 

@@ -13,18 +13,14 @@ import argparse
 import numpy as np
 
 from heinfer_models import fashion_mnist, zoo
-from heinfer_models.evaluate import evaluate_encrypted
+from heinfer_models.evaluate import add_plan_options, evaluate_encrypted
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=zoo.DEFAULT_MODEL, choices=zoo.names())
     ap.add_argument("--images", type=int, default=20, help="number of test images")
-    ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"],
-                    help="im2col: client arranges windows (fast, larger upload); "
-                         "rotation: one ciphertext in (small upload)")
-    ap.add_argument("--precise", action="store_true",
-                    help="keep the last layer's rescale (smaller error, slower)")
+    add_plan_options(ap)
     args = ap.parse_args(argv)
 
     model = zoo.load(args.model)

@@ -84,6 +84,15 @@ class EncryptedEval:
         return out
 
 
+def add_plan_options(ap) -> None:
+    """The plan choices every command-line entry point offers."""
+    ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"],
+                    help="im2col: client arranges windows (fast, larger upload); "
+                         "rotation: one ciphertext in (small upload)")
+    ap.add_argument("--precise", action="store_true",
+                    help="keep the last layer's rescale (smaller error, slower)")
+
+
 def decode_logits(spec, vectors: list[np.ndarray], x: np.ndarray) -> np.ndarray:
     """Decoded outputs -> logits (conformal models finish on the client with x)."""
     return finish_output(spec, spec.decode(vectors), x)

@@ -14,16 +14,14 @@ import json
 import time
 
 from heinfer_models import fashion_mnist, zoo
-from heinfer_models.evaluate import evaluate_encrypted
+from heinfer_models.evaluate import add_plan_options, evaluate_encrypted
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", choices=zoo.names())
     ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"])
-    ap.add_argument("--precise", action="store_true",
-                    help="keep the last layer's rescale (smaller error, slower)")
+    add_plan_options(ap)
     args = ap.parse_args(argv)
     model = zoo.load(args.name)
     images, labels = fashion_mnist.load("test")

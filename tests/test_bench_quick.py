@@ -5,12 +5,13 @@ import json
 import math
 
 from bench import first_bench
+from bench.results_io import RESULTS
 from tests.test_end_to_end import LOGIT_BOUND
 
 
 def test_first_bench_quick_runs_and_is_sane():
     assert first_bench.main(["--quick"]) == 0
-    data = json.loads((first_bench.RESULTS / "first_bench_quick.json").read_text())
+    data = json.loads((RESULTS / "first_bench_quick.json").read_text())
     results = data["results"]
     assert {"tutorial_default_threads", "heinfer_tutorial_net", "heinfer_cryptonets"} <= set(
         results)
