@@ -65,9 +65,48 @@ def latency_vs_batch() -> Path:
     return out
 
 
+def accuracy_vs_degree(results: Path = RESULTS / "degree_bench.json",
+                       out: Path = IMG / "accuracy_vs_degree.png") -> Path:
+    """Plaintext test accuracy of the ReLU network with its activations replaced by fitted
+    polynomials, per degree (bench/degree_bench.py), with the HE depth of each plan and the
+    encrypted agreement where it was measured."""
+    data = json.loads(Path(results).read_text())
+    rows = sorted(data["rows"], key=lambda r: r["degree"])
+    deg = [r["degree"] for r in rows]
+    acc = [100 * r["accuracy"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(deg, acc, marker="o", label="polynomial activations (plaintext, numpy oracle)")
+    relu = 100 * data["relu"]["accuracy"]
+    ax.axhline(relu, color="grey", ls="--", lw=1, label=f"ReLU network ({relu:.2f}%)")
+    for r, a in zip(rows, acc, strict=True):
+        enc = r.get("encrypted")
+        note = f"depth {r['he_depth']}" + (
+            f"\nHE agree {100 * enc['agreement']:.0f}%" if enc else "")
+        ax.annotate(note, (r["degree"], a), fontsize=7, ha="center", xytext=(0, 8),
+                    textcoords="offset points")
+    enc_pts = [(r["degree"], a) for r, a in zip(rows, acc, strict=True) if r.get("encrypted")]
+    if enc_pts:
+        ax.scatter(*zip(*enc_pts, strict=True), s=90, facecolors="none", edgecolors="C3",
+                   label="also run encrypted (top-1 agreement noted)", zorder=3)
+    lo = min(acc + [relu])
+    ax.set_ylim(max(0.0, lo - 5), min(100.0, max(acc + [relu]) + 4))
+    ax.set_xticks(deg)
+    ax.text(0.01, 0.02, "depth: multiplicative depth of the whole encrypted plan "
+            "(both activations)", transform=ax.transAxes, fontsize=7, color="grey")
+    ax.set_xlabel("activation degree (least-squares fit of ReLU on calibration data)")
+    ax.set_ylabel(f"test accuracy, % ({data['relu']['test_images']:,} images)")
+    ax.set_title("Accuracy vs activation degree (Fashion-MNIST, CryptoNets-like CNN)")
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 0.06))
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
 def main() -> int:
     IMG.mkdir(parents=True, exist_ok=True)
-    for out in (time_per_layer(), latency_vs_batch()):
+    for out in (time_per_layer(), latency_vs_batch(), accuracy_vs_degree()):
         print(f"wrote {out}")
     return 0
 
