@@ -11,6 +11,7 @@
     +-- SecretKeyError        a secret key where only public material is allowed
     +-- ModelFormatError      a model or plan file that cannot be read
         +-- PlanVersionError  a plan written by an incompatible heinfer
+        +-- KeyBudgetError    a Galois key budget the plan's rotations cannot be composed in
 """
 
 
@@ -56,3 +57,7 @@ class ModelFormatError(HeinferError):
 
 class PlanVersionError(ModelFormatError):
     pass
+
+
+class KeyBudgetError(ModelFormatError):
+    """The plan's rotation steps cannot all be composed from the Galois keys it may use."""

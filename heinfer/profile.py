@@ -17,10 +17,11 @@ def profile_layers(compiled: CompiledPlan, cts: list[Ciphertext]) -> list[dict]:
     name, layout out, level in/out, ms, and {op@level: count}."""
     rows = []
     counter = CountingBackend(compiled.backend)
+    run_on = compiled.wrap(counter)  # rotations by unkeyed steps count as their compositions
     for kernel in compiled.kernels:
         counter.reset()
         t = time.perf_counter()
-        cts = kernel.run(counter, cts)
+        cts = kernel.run(run_on, cts)
         ms = (time.perf_counter() - t) * 1e3
         rows.append({
             "layer": kernel.name,

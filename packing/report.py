@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from heinfer.backends.counting import CountingBackend
 from heinfer.backends.symbolic import SymbolicBackend
 from heinfer.plan import CompiledPlan, Plan
+from heinfer.rotations import RotationKeys
 
 
 @dataclass
@@ -34,8 +35,9 @@ class LayerReport:
 class PlanReport:
     plan: Plan
     layers: list[LayerReport]
-    rotation_steps: list[int]
+    rotation_steps: list[int]  # the keyed steps (Galois keys the client makes)
     calibration: dict | None
+    rotations: RotationKeys | None = None  # the key budget's routes, if the plan has one
 
     @property
     def predicted_ms(self) -> float | None:
@@ -98,6 +100,10 @@ class PlanReport:
         lines.append(f"depth {p.params.top_level - self.layers[-1].level_out}, ring degree "
                      f"{p.params.poly_modulus_degree}, {len(self.rotation_steps)} rotation "
                      f"steps {self.rotation_steps}")
+        if self.rotations is not None:
+            rk = self.rotations
+            lines.append(f"Galois key budget {rk.max_keys if rk.max_keys is not None else '-'}"
+                         f": {rk.describe()} (rotations above count every composed step)")
         if self.calibration is not None:
             io = (f", of which {self.io_ms:.1f} ms reading and writing ciphertexts"
                   if self.io_ms is not None else "")
@@ -107,9 +113,10 @@ class PlanReport:
                          f"{self.calibration['date']})")
             bound = self.lower_bound_ms()
             he = self.predicted_ms - (self.io_ms or 0.0)
-            lines.append(f"op-count lower bound {bound:.1f} ms (MACs/slots plaintext multiplies + "
-                         f"log2(width) rotations per linear layer): HE time predicted at "
-                         f"{he / bound:.1f}x the bound")
+            if bound:  # batch plans (batch_linear steps) have no bound here
+                lines.append(f"op-count lower bound {bound:.1f} ms (MACs/slots plaintext "
+                             f"multiplies + log2(width) rotations per linear layer): HE time "
+                             f"predicted at {he / bound:.1f}x the bound")
         else:
             lines.append("no calibration for these parameters: run "
                          "`python -m heinfer_packing.calibrate` for predicted times and sizes")
@@ -145,12 +152,14 @@ def report(plan: Plan, calibration: dict | None = None) -> PlanReport:
     counter = CountingBackend(be)
     cts = [be.encrypt(None) for _ in range(plan.input_layout.n_ct)]
     layers = []
+    run_on = compiled.wrap(counter)  # under a key budget: composed rotations are counted
     for k, step in zip(compiled.kernels, plan.steps, strict=True):
         counter.reset()
-        cts = k.run(counter, cts)
+        cts = k.run(run_on, cts)
         ops = {(op, lvl): n for (op, lvl), n in counter.counts.items()}
         macs, width = _macs(step, k)
         layers.append(LayerReport(k.name, str(k.out_layout), k.in_level, k.out_level, ops,
                                   predicted_ms(ops, calibration) if calibration else None,
                                   macs, width))
-    return PlanReport(plan, layers, compiled.spec.rotation_steps, calibration)
+    return PlanReport(plan, layers, compiled.spec.rotation_steps, calibration,
+                      compiled.rotations)

@@ -287,6 +287,29 @@ def test_add_replace_remove_model(env):
     problem(admin.delete("/v1/models/extra"), 404, "unknown_model")
 
 
+def test_plan_with_a_key_budget_is_served_with_its_keys_only(env):
+    """A budgeted plan's spec lists only its keyed steps; a session with keys for exactly those
+    predicts (the worker composes the other rotations) and matches the plaintext model."""
+    admin, alice = http(env["srv"].url, ADMIN), env["alice"]
+    plan = Plan.load(tiny_plan(env["dir"] / "plans" / "kb", name="budget"))
+    natural = plan.spec().rotation_steps
+    path = plan.with_key_budget(3).save(env["dir"] / "plans" / "kb" / "budget")
+    r = admin.post("/v1/models", files={"plan_json": path.read_bytes(),
+                                        "plan_npz": path.with_suffix(".npz").read_bytes()})
+    assert r.status_code == 201, r.text
+    try:
+        spec = spec_of(alice, "budget")
+        assert len(spec.rotation_steps) <= 3 < len(natural)
+        keys = LocalKeys(spec)
+        assert keys.backend.rotation_steps == set(spec.rotation_steps)
+        sid = new_session(alice, "budget", keys)
+        x = np.random.default_rng(12).normal(size=(1, 6, 6))
+        got = decrypt(keys, post_predict(alice, "budget", sid, ct_body(keys, x)))
+        assert np.abs(got - tiny_model("budget").forward(x)).max() < 1e-2
+    finally:
+        assert admin.delete("/v1/models/budget").status_code == 204
+
+
 def test_bad_plan_uploads(env):
     admin = http(env["srv"].url, ADMIN)
     problem(admin.post("/v1/models", files={"plan_json": b"{}", "plan_npz": b"x"}), 400,

@@ -19,6 +19,7 @@ class CountingBackend:
         self._inner = inner
         self.counts: Counter[tuple[str, int]] = Counter()
         self.seconds: defaultdict[tuple[str, int], float] = defaultdict(float)
+        self.step_counts: Counter[tuple[int, int]] = Counter()  # rotations by (step, level)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -33,6 +34,9 @@ class CountingBackend:
             key = (name.removesuffix("_inplace"), level)
             self.seconds[key] += time.perf_counter() - t
             self.counts[key] += 1
+            if name == "rotate":
+                step = args[0] if args else kwargs["step"]
+                self.step_counts[(step % self._inner.slots, level)] += 1
             return out
 
         return counted
@@ -40,6 +44,7 @@ class CountingBackend:
     def reset(self) -> None:
         self.counts.clear()
         self.seconds.clear()
+        self.step_counts.clear()
 
     def by_op(self) -> dict[str, tuple[int, float]]:
         agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])

@@ -1,0 +1,77 @@
+"""Galois key budget as a compiler post-pass: `lower()` gives a plan with a key per rotation
+step; `apply_key_budget` keeps at most N keys (or what N MB of keys allows) and composes the
+other steps from them at run time (`heinfer.rotations`, docs/COMPILER.md "Galois key budget").
+
+The key set is chosen from the kernels' rotations per step, each weighted by this machine's
+calibrated rotation time at its level when a calibration is given (a rotation at the top level
+costs several times one at level 0), and stored in the plan (`metadata["galois_keys"]`).
+"""
+
+from __future__ import annotations
+
+from heinfer.errors import KeyBudgetError
+from heinfer.plan import Plan
+from heinfer.rotations import power_of_two_keys
+
+
+def keys_for_mb(max_key_mb: float, calibration: dict) -> int:
+    """How many Galois keys fit `max_key_mb` MB of evaluation keys next to the relinearization
+    key, with the calibrated (seeded) key sizes of the plan's parameters."""
+    sizes = calibration["sizes"]
+    room = max_key_mb * 1e6 - sizes["relin_key_bytes"]
+    return max(0, int(room // sizes["galois_key_bytes"]))
+
+
+def apply_key_budget(plan: Plan, max_keys: int | None = None, keys: list[int] | None = None,
+                     calibration: dict | None = None, max_key_mb: float | None = None) -> Plan:
+    """A copy of `plan` with at most `max_keys` Galois keys (and at most `max_key_mb` MB of
+    evaluation keys), or with exactly the keyed steps `keys`. KeyBudgetError when the budget
+    cannot compose every rotation the kernels need."""
+    if max_key_mb is not None:
+        if calibration is None:
+            raise KeyBudgetError(
+                f"a key-size limit needs the key sizes of {plan.params.describe()}: calibrate "
+                "this machine first (heinfer-compile --calibrate, or python -m "
+                "heinfer_packing.calibrate), or give a key count (--max-keys)")
+        fit = keys_for_mb(max_key_mb, calibration)
+        max_keys = fit if max_keys is None else min(max_keys, fit)
+    rotate_ms = calibration["ms"].get("rotate") if calibration else None
+    return plan.with_key_budget(max_keys, keys, rotate_ms)
+
+
+def budget_variants(plan: Plan, calibration: dict | None = None, max_keys: int | None = None,
+                    max_key_mb: float | None = None) -> list[tuple[str, Plan]]:
+    """Key-budget variants of a plan for the search: 3/4 and 1/2 of its rotation steps, the
+    power-of-two keys, and what `max_keys` / `max_key_mb` allow; each labelled "N keys" or
+    "pow2 keys". Budgets that cannot work or repeat a key count are left out."""
+    steps = sorted({s for s, _ in plan.rotation_counts()})
+    n = len(steps)
+    if n < 2:
+        return []
+    budgets = {(3 * n) // 4, n // 2}
+    if max_keys is not None:
+        budgets.add(max_keys)
+    if max_key_mb is not None and calibration is not None:
+        budgets.add(keys_for_mb(max_key_mb, calibration))
+    out: list[tuple[str, Plan]] = []
+    seen = {n}
+    for b in sorted(budgets, reverse=True):
+        if not 1 <= b < n:
+            continue
+        try:
+            variant = apply_key_budget(plan, b, calibration=calibration)
+        except KeyBudgetError:
+            continue
+        k = len(variant.key_budget["steps"])
+        if k not in seen:
+            seen.add(k)
+            out.append((f"{k} keys", variant))
+    pow2 = power_of_two_keys(steps, plan.params.slots)
+    if len(pow2) < n:
+        try:
+            variant = plan.with_key_budget(keys=pow2)
+        except KeyBudgetError:
+            return out
+        if all(variant.key_budget["steps"] != v.key_budget["steps"] for _, v in out):
+            out.append(("pow2 keys", variant))
+    return out
