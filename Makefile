@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m bench.service_bench
 	$(PY) -m bench.throughput_bench
 	$(PY) -m bench.plots
+	$(PY) -m bench.zoo_bench --recalibrate
 
 train: $(STAMP)
 	$(PY) -m pip install -q -e ".[train]"

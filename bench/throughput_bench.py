@@ -28,6 +28,20 @@ from heinfer_models import fashion_mnist, zoo
 from heinfer_packing.lower import lower
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB. Linux: VmHWM, the high-water mark of this
+    address space only; ru_maxrss is not enough in a spawned worker, as Linux carries the
+    parent's peak over the exec (a worker of a 3 GB parent would report 3 GB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _worker(model_name: str, relin: bytes, body: list[bytes], queue) -> None:
     plan = lower(zoo.load(model_name), batch=True)
     be = make_backend(plan.params)
@@ -37,7 +51,7 @@ def _worker(model_name: str, relin: bytes, body: list[bytes], queue) -> None:
     out = compiled.run([be.ciphertext_from_bytes(b) for b in body])
     reply = [be.ciphertext_to_bytes(c) for c in out]
     seconds = time.perf_counter() - t
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     queue.put((seconds, peak_mb, reply))
 
 

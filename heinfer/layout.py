@@ -148,9 +148,12 @@ class Im2colLayout:
     slots: int
     taps_per_ct: int
     group_stride: int = 0
+    out_per_ct: int = 0   # output channels per output ciphertext (0: all of them)
     kind: str = "im2col"
 
     def __post_init__(self) -> None:
+        if self.out_per_ct <= 0 or self.out_per_ct > self.out_channels:
+            object.__setattr__(self, "out_per_ct", self.out_channels)
         if self.group_stride == 0:
             object.__setattr__(self, "group_stride", self.group)
         if self.group_stride < self.group:
@@ -175,7 +178,13 @@ class Im2colLayout:
     @property
     def group(self) -> int:
         ho, wo = self.out_hw
-        return self.out_channels * ho * wo
+        return self.out_per_ct * ho * wo
+
+    @property
+    def out_groups(self) -> int:
+        """Output ciphertexts: every one multiplies the same uploaded windows by its channels'
+        weights (a first layer wider than the slots, e.g. AlexNet's 96 x 55 x 55)."""
+        return math.ceil(self.out_channels / self.out_per_ct)
 
     @property
     def taps(self) -> int:
@@ -206,12 +215,13 @@ class Im2colLayout:
             window = xp[ci, di : di + s * ho : s, dj : dj + s * wo : s].reshape(-1)
             q, g = divmod(t, self.taps_per_ct)
             start = g * self.group_stride
-            out[q][start : start + self.group] = np.tile(window, self.out_channels)
+            out[q][start : start + self.group] = np.tile(window, self.out_per_ct)
         return out
 
     def __str__(self) -> str:
+        groups = f", {self.out_groups} output groups" if self.out_groups > 1 else ""
         return (f"im2col[{self.taps} taps/{self.taps_per_ct} per ct, "
-                f"{self.out_channels}x{self.out_hw[0]}x{self.out_hw[1]}]")
+                f"{self.out_channels}x{self.out_hw[0]}x{self.out_hw[1]}{groups}]")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ the level where it is used); a dry run (no encoding) derives the rotation steps 
 make keys for. The public part (`ModelSpec`) holds nothing the client may not see: parameters,
 layouts, rotation steps and output decoding; weights stay with the server.
 
+A plan may carry a Galois key budget (`metadata["galois_keys"]`: at most `max_keys` keys and/or
+the keyed `steps`): then the spec lists only the keyed steps and every other rotation runs as a
+composition of keyed ones (`heinfer.rotations`, wrapped around the backend by `CompiledPlan`).
+
 Files: `NAME.plan.json` + `NAME.plan.npz` (see docs/ARCHITECTURE.md, "Plan format").
 """
 
@@ -14,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +34,15 @@ from heinfer.kernels.base import BuildContext, Kernel
 from heinfer.kernels.conv import RotationConv2d
 from heinfer.kernels.dense import DiagonalDense
 from heinfer.kernels.im2col import Im2colConv2d
-from heinfer.kernels.poly import Poly2, Square
+from heinfer.kernels.poly import Poly2, PolyEval, Square
 from heinfer.kernels.pool import SumPool2d
 from heinfer.layout import Layout, layout_from_dict, layout_to_dict, unpack
 from heinfer.params import CKKSParams
+from heinfer.rotations import RotationKeys, choose_keys
 
 PLAN_FORMAT_VERSION = 1
+# metadata entry holding the Galois key budget: {"max_keys": int | None, "steps": [int] | None}
+GALOIS_KEYS = "galois_keys"
 
 
 class OutputSpec(BaseModel):
@@ -106,22 +115,124 @@ class Plan:
         ctx = BuildContext(backend, encode_plaintexts=encode)
         layout, level, scale = self.input_layout, self.params.top_level, self.params.scale
         kernels: list[Kernel] = []
-        for step in self.steps:
-            k = _make_kernel(ctx, step, layout, level, scale)
+        for i, step in enumerate(self.steps):
+            down = self._scale_down_bits(i, level, scale, backend)
+            k = _make_kernel(ctx, step, layout, level, scale, down)
             kernels.append(k)
             layout, level, scale = k.out_layout, k.out_level, k.out_scale
         return kernels
 
-    def spec(self, backend: Backend | None = None,
-             kernels: list[Kernel] | None = None) -> ModelSpec:
-        """The public spec; `kernels` already built on `backend` are reused (no second build)."""
+    def _scale_down_bits(self, i: int, level: int, scale: float, backend: Backend) -> float:
+        """How far (in bits, fractional) a rescaling linear layer moves the running scale.
+
+        A square turns scale s into s^2 / p, and the primes are only near 2^bits (they must be
+        1 mod 2n): at 24 bits and n=16384 each square moved the scale by 2 to 20% and the drift
+        compounded over 7 squares. Each linear layer therefore encodes its weights so that its
+        output is at sqrt(S * p) before a square (the square then lands on S exactly) and at S
+        otherwise, S being the plan's scale lowered by the step's `scale_down_bits`."""
+        step = self.steps[i]
+        k = float(step.attrs.get("scale_down_bits", 0))
+        if step.op not in _RESCALING_LINEAR or not step.attrs.get("rescale", True):
+            return k
+        nxt = next((s.op for s in self.steps[i + 1:] if s.op not in _SCALE_NEUTRAL), None)
+        target = self.params.scale / 2.0**k
+        if nxt == "square":
+            target = math.sqrt(self.params.scale * backend.prime(level - 1)) / 2.0**k
+        return math.log2(scale / target)
+
+    # -- Galois key budget -------------------------------------------------------------------
+    @property
+    def key_budget(self) -> dict[str, Any] | None:
+        """{"max_keys": N or None, "steps": keyed steps or None}, or None (a key per step)."""
+        return self.metadata.get(GALOIS_KEYS)
+
+    def with_key_budget(self, max_keys: int | None = None, keys: list[int] | None = None,
+                        rotate_ms: dict[str, float] | None = None) -> Plan:
+        """A copy of this plan that uses at most `max_keys` Galois keys, or exactly the steps
+        `keys`. Without `keys`, the steps are chosen now (`heinfer.rotations.choose_keys`) from
+        the kernels' rotations per step, each weighted by `rotate_ms[str(level)]` when given
+        (a calibration's rotation times), else counted once. Raises KeyBudgetError when the
+        budget cannot compose every step the kernels use."""
+        from heinfer.errors import KeyBudgetError
+
+        if max_keys is None and keys is None:
+            raise KeyBudgetError("a key budget needs max_keys or an explicit key set")
+        if max_keys is not None and (not isinstance(max_keys, int) or max_keys < 0):
+            raise KeyBudgetError(f"max_keys must be a non-negative integer, got {max_keys!r}")
+        out = replace(self, steps=list(self.steps), labels=list(self.labels),
+                      metadata={k: v for k, v in self.metadata.items() if k != GALOIS_KEYS})
+        used, counts = out._rotation_use()
+        if keys is None:
+            weights = {step: 0.0 for step in used}
+            for (step, level), n in counts.items():
+                cost = 1.0 if rotate_ms is None else float(rotate_ms.get(str(level), 1.0))
+                weights[step] = weights.get(step, 0.0) + n * cost
+            keys = choose_keys(weights, self.params.slots, max_keys)
+        rk = RotationKeys.build(keys, used, self.params.slots, max_keys)
+        out.metadata[GALOIS_KEYS] = {"max_keys": max_keys, "steps": list(rk.keys)}
+        return out
+
+    def rotation_counts(self) -> Counter[tuple[int, int]]:
+        """Rotations by (step, level) in one run of the kernels' own steps (before any key
+        budget), counted on the symbolic backend."""
+        return self._rotation_use()[1]
+
+    def _rotation_use(self) -> tuple[set[int], Counter[tuple[int, int]]]:
+        """The steps the kernels register (what needs a key or a route) and their rotations by
+        (step, level) in one symbolic run."""
+        from heinfer.backends.counting import CountingBackend
+        from heinfer.backends.symbolic import SymbolicBackend
+
+        be = SymbolicBackend(self.params)
+        counter = CountingBackend(be)
+        cts = [be.encrypt(None) for _ in range(self.input_layout.n_ct)]
+        kernels = self.build_kernels(be)
+        for k in kernels:
+            cts = k.run(counter, cts)
+        return set().union(*[k.steps_used for k in kernels]), counter.step_counts
+
+    def rotation_keys(self, kernels: list[Kernel]) -> RotationKeys | None:
+        """The keyed steps and composition routes under this plan's key budget (None without
+        a budget: every step the kernels use gets its key)."""
+        from heinfer.errors import KeyBudgetError
+
+        budget = self.key_budget
+        if budget is None:
+            return None
+        if not isinstance(budget, dict) or not set(budget) <= {"max_keys", "steps"}:
+            raise KeyBudgetError(f"plan {self.name}: {GALOIS_KEYS} must be "
+                                 f'{{"max_keys": N, "steps": [...]}}, got {budget!r}')
+        max_keys, keys = budget.get("max_keys"), budget.get("steps")
+        if not (max_keys is None or (isinstance(max_keys, int) and max_keys >= 0)) or not (
+                keys is None or (isinstance(keys, list)
+                                 and all(isinstance(k, int) for k in keys))):
+            raise KeyBudgetError(f"plan {self.name}: {GALOIS_KEYS} {budget!r} needs a "
+                                 "non-negative integer max_keys and a list of integer steps")
+        used = set().union(*[k.steps_used for k in kernels])
+        if keys is None:
+            if max_keys is None:
+                raise KeyBudgetError(f"plan {self.name}: {GALOIS_KEYS} sets neither max_keys "
+                                     "nor steps")
+            weights: Counter[int] = Counter({step: 0 for step in used})
+            for (step, _level), n in self.rotation_counts().items():
+                weights[step] += n
+            keys = choose_keys(weights, self.params.slots, max_keys)
+        return RotationKeys.build(keys, used, self.params.slots, max_keys)
+
+    def spec(self, backend: Backend | None = None, kernels: list[Kernel] | None = None,
+             rotations: RotationKeys | None = None) -> ModelSpec:
+        """The public spec; `kernels` already built on `backend` (and their `rotations` under
+        the key budget) are reused (no second build)."""
         if backend is None:
             from heinfer.backends import make_backend
 
             backend = make_backend(self.params)
         if kernels is None:
             kernels = self.build_kernels(backend, encode=False)
-        steps = sorted(set().union(*[k.steps_used for k in kernels]))
+        if rotations is None:
+            rotations = self.rotation_keys(kernels)
+        steps = (list(rotations.keys) if rotations is not None
+                 else sorted(set().union(*[k.steps_used for k in kernels])))
         return ModelSpec(
             name=self.name,
             plan_hash=self.hash(),
@@ -206,8 +317,14 @@ class Plan:
         return plan
 
 
-def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: float) -> Kernel:
-    a = step.attrs
+_RESCALING_LINEAR = ("conv2d", "conv2d_im2col", "dense", "batch_linear")
+_SCALE_NEUTRAL = ("sumpool2d", "batch_sumpool", "flatten")
+
+
+def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: float,
+                 down_bits: float = 0.0) -> Kernel:
+    """`down_bits`: the step's scale_down_bits after the drift correction (build_kernels)."""
+    a = {**step.attrs, "scale_down_bits": down_bits}
     if step.op == "conv2d":
         return RotationConv2d(ctx, step.weight, step.bias, a.get("stride", 1),
                               a.get("padding", 0), layout, level, scale,
@@ -226,6 +343,8 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
         return Square(ctx, layout, level, scale, a.get("constant", 0.0))
     if step.op == "poly2":
         return Poly2(ctx, a["coeffs"], layout, level, scale)
+    if step.op == "poly":
+        return PolyEval(ctx, a["coeffs"], layout, level, scale, a.get("scale_down_bits", 0))
     if step.op == "conformal":
         from heinfer.kernels.conformal import ConformalKernel
 
@@ -266,10 +385,18 @@ class CompiledPlan:
         self.plan = plan
         self.backend = backend
         self.kernels = plan.build_kernels(backend)
-        self.spec = plan.spec(backend, self.kernels)
+        # under a key budget: the keyed steps and each other step's composition, once
+        self.rotations = plan.rotation_keys(self.kernels)
+        self.spec = plan.spec(backend, self.kernels, self.rotations)
+
+    def wrap(self, backend: Backend) -> Backend:
+        """The backend the kernels must run on: `backend` itself, or (under a key budget) a
+        wrapper composing rotations by unkeyed steps. Wrap a CountingBackend, not the reverse,
+        so that counts include the composed rotations."""
+        return self.rotations.wrap(backend) if self.rotations is not None else backend
 
     def run(self, cts: list[Ciphertext], backend: Backend | None = None) -> list[Ciphertext]:
-        be = backend or self.backend
+        be = self.wrap(backend or self.backend)
         n_in = self.plan.input_layout.n_ct
         if len(cts) != n_in:
             raise LayoutError(f"model {self.plan.name} takes {n_in} input ciphertext(s), "

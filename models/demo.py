@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = zoo.load(args.model)
     images, labels = fashion_mnist.load("test")
-    xs = fashion_mnist.normalize(images[: args.images])
+    xs = fashion_mnist.normalize(images[: args.images], model.input_shape)
     ys = labels[: args.images]
     res = evaluate_encrypted(model, xs, first_conv=args.first_conv, precise=args.precise)
     s = res.summary(ys)

@@ -101,10 +101,13 @@ def decode_logits(spec, vectors: list[np.ndarray], x: np.ndarray) -> np.ndarray:
 def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
                        params: CKKSParams | None = None, progress: bool = True,
                        count_ops: bool = True, backend: str = "tenseal",
-                       precise: bool = False) -> EncryptedEval:
+                       precise: bool = False, plan: Plan | None = None) -> EncryptedEval:
     """`precise`: keep the last layer's rescale (one more prime, larger special prime: about
-    10x smaller logit error, about 1.4x the server time)."""
-    if isinstance(model, ConformalNet):
+    10x smaller logit error, about 1.4x the server time). `plan`: a plan already made for
+    `model` (e.g. under a key budget) instead of lowering it here."""
+    if plan is not None:
+        pass
+    elif isinstance(model, ConformalNet):
         plan, _ = lower_conformal(model, model.metadata.get("name", "conformal"),
                                   calib_x=xs[:64], params=params)
     else:

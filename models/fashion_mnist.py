@@ -36,7 +36,21 @@ def load(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float64 (N, 1, 28, 28), the models' input convention."""
+def normalize(images: np.ndarray, input_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float64 (N, 1, 28, 28), the models' input convention; with a
+    model's `input_shape` (e.g. (1, 32, 32)) the images are padded to it (`fit_to`)."""
     x = (images.astype(np.float64) / 255.0 - MEAN) / STD
-    return x[:, None, :, :]
+    x = x[:, None, :, :]
+    return x if input_shape is None or tuple(input_shape) == x.shape[1:] else fit_to(
+        x, tuple(input_shape))
+
+
+def fit_to(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """Normalised (N, 1, 28, 28) images zero-padded (black border, as if the 28x28 picture were
+    pasted in the middle of a larger one) to a model's (1, H, W) input, e.g. 1x32x32."""
+    _, h, w = input_shape
+    top, left = (h - x.shape[2]) // 2, (w - x.shape[3]) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"cannot fit {x.shape[2:]} images into {input_shape}")
+    pads = ((0, 0), (0, 0), (top, h - x.shape[2] - top), (left, w - x.shape[3] - left))
+    return np.pad(x, pads, constant_values=(0.0 - MEAN) / STD)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = zoo.load(args.name)
     images, labels = fashion_mnist.load("test")
-    xs = fashion_mnist.normalize(images[: args.images])
+    xs = fashion_mnist.normalize(images[: args.images], model.input_shape)
     res = evaluate_encrypted(model, xs, first_conv=args.first_conv, precise=args.precise)
     summary = res.summary(labels[: args.images])
     record = {

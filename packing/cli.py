@@ -4,6 +4,8 @@
     heinfer-compile path/to/model_dir --out plans/mine
     heinfer-compile model.onnx --calib-fmnist 512 --degree 2 --out plans/mine
     heinfer-compile fmnist-cryptonets --objective latency --max-key-mb 20
+    heinfer-compile alexnet-imagenet-224   # plan and price a topology (random weights)
+    heinfer-compile fmnist-cryptonets --first-conv rotation --max-keys 8   # compose the rest
 
 Prints the report (per-layer layout, HE operation counts by level, predicted time when this
 machine is calibrated) and saves it next to the plan as `PREFIX.report.txt`.
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from heinfer_packing.calibrate import calibration_path, load_or_calibrate
+from heinfer_packing.keys import apply_key_budget
 from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import load_model
 from heinfer_packing.report import report
@@ -32,7 +35,10 @@ def _load(source: str):
         return load_onnx(path)
     if (path / "model.json").exists():
         return load_model(path)
-    from heinfer_models import zoo
+    from heinfer_models import alexnet, zoo
+
+    if source in alexnet.TOPOLOGIES:  # a topology to plan and price, random weights
+        return alexnet.topology(source)
 
     return zoo.load(source)
 
@@ -49,6 +55,8 @@ def _compile_conformal(net, args) -> int:
                                 net.metadata.get("labels"), calib_x=calib)
     cal = load_or_calibrate(plan.params) if (
         args.calibrate or calibration_path(plan.params).exists()) else None
+    if args.max_keys is not None or args.max_key_mb is not None:
+        plan = apply_key_budget(plan, args.max_keys, calibration=cal, max_key_mb=args.max_key_mb)
     text = (f"conformal network, {len(net.blocks)} blocks, collapsed: M {col.M.shape}, "
             f"R {col.R.shape} ({col.factor} factor), c0 {col.c0:.4g}\n\n"
             + report(plan, cal).to_text())
@@ -71,6 +79,9 @@ def _main(argv: list[str] | None = None) -> int:
                     help="use N Fashion-MNIST training images (labelled) as calibration data")
     ap.add_argument("--calib-npz", help="calibration data: npz with x (N, ...) and optional y")
     ap.add_argument("--degree", type=int, default=2, help="degree of fitted activations")
+    ap.add_argument("--scale-bits", type=int, metavar="B",
+                    help="CKKS scale 2^B (data primes of B bits); default: the model's "
+                         "metadata scale_bits, else 29")
     ap.add_argument("--precise", action="store_true",
                     help="keep the last layer's rescale: ~10x smaller output error, one more "
                          "prime (slower); default: the last dense layer skips it")
@@ -78,7 +89,13 @@ def _main(argv: list[str] | None = None) -> int:
                     help="price every candidate plan with this machine's calibration and pick "
                          "by objective (prints the trade-off table); without it, the plan "
                          "given by --first-conv/--precise")
-    ap.add_argument("--max-key-mb", type=float, help="limit for --objective")
+    ap.add_argument("--max-key-mb", type=float,
+                    help="limit on evaluation keys (seeded MB): with --objective, candidates "
+                         "with fewer Galois keys are added and the limit filters them; "
+                         "without, the plan keeps as many keys as fit (needs a calibration)")
+    ap.add_argument("--max-keys", type=int, metavar="N",
+                    help="at most N Galois keys: rotations by other steps are composed from "
+                         "keyed ones at run time (with --objective: a limit and a candidate)")
     ap.add_argument("--max-upload-kb", type=float, help="limit per image for --objective")
     ap.add_argument("--max-memory-gb", type=float, help="limit for --objective (estimated)")
     ap.add_argument("--max-latency-ms", type=float, help="limit for --objective")
@@ -102,19 +119,22 @@ def _main(argv: list[str] | None = None) -> int:
     rewrites_text = format_records(records)
     print(f"HE-friendly rewrites of {model.name}:\n{rewrites_text}\n")
     if args.objective:
-        cands = candidates(model)
+        cands = candidates(model, max_keys=args.max_keys, max_key_mb=args.max_key_mb)
         best = choose(cands, args.objective, args.max_key_mb, args.max_upload_kb,
                       args.max_memory_gb, precise=args.precise,
-                      max_latency_ms=args.max_latency_ms)
+                      max_latency_ms=args.max_latency_ms, max_keys=args.max_keys)
         print(f"candidates, objective {args.objective}:\n{trade_off_table(cands, best)}\n")
         rewrites_text += f"\n\nobjective {args.objective}:\n{trade_off_table(cands, best)}"
         plan = best.plan
     else:
         plan = lower(model, first_conv=args.first_conv,
-                     final_rescale=True if args.precise else None)
+                     final_rescale=True if args.precise else None, scale_bits=args.scale_bits)
     cal = None
     if args.calibrate or calibration_path(plan.params).exists():
         cal = load_or_calibrate(plan.params)
+    if not args.objective and (args.max_keys is not None or args.max_key_mb is not None):
+        plan = apply_key_budget(plan, args.max_keys, calibration=cal,
+                                max_key_mb=args.max_key_mb)
     text = report(plan, cal).to_text()
     print(text)
     if args.out:

@@ -86,7 +86,8 @@ class Collapsed:
 def linear_maps(net: ConformalNet) -> list[np.ndarray]:
     """L_k as matrices (features after block k, N inputs), by pushing the basis through."""
     n = int(np.prod(net.input_shape))
-    maps, cols = [], [np.eye(n)[i].reshape(net.input_shape) for i in range(n)]
+    eye = np.eye(n)  # one identity, not one per column (784 of them cost seconds)
+    maps, cols = [], [eye[i].reshape(net.input_shape) for i in range(n)]
     for b in net.blocks:
         cols = [b.linear(c) for c in cols]
         maps.append(np.stack([c.reshape(-1) for c in cols], axis=1))

@@ -6,7 +6,9 @@ Folding rules (each exact, so the plan computes the model's function):
 - a degree-2 activation a*x^2 + b*x + c becomes a*((x + b/2a)^2 + c'): the shift b/2a goes into
   the previous linear layer's bias, the square costs one level, c' is a free plaintext add, and
   the factor a goes into the next linear layer's weights (or the output scale at the end);
-- when nothing linear precedes it, the activation runs as a generic depth-2 polynomial.
+- when nothing linear precedes it, the activation runs as a generic depth-2 polynomial;
+- a polynomial of degree d > 2 runs as the generic `poly` step (`PolyEval`) at depth
+  floor(log2 d) + 1, its output at the input's scale (docs/COMPILER.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import numpy as np
 
 from heinfer.errors import ModelFormatError
-from heinfer.kernels.poly import fold_square
+from heinfer.kernels.poly import effective_coeffs, fold_square, poly_depth
 from heinfer.layout import GridLayout, Im2colLayout, Layout, VectorLayout
 from heinfer.params import MAX_LOG_Q_128, CKKSParams
 from heinfer.plan import Plan, PlanStep
@@ -66,11 +68,12 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
                 pending = a
             elif len(coeffs) <= 3:
                 steps.append(PlanStep("poly2", {"coeffs": coeffs}))
-            else:
+            elif len(effective_coeffs(coeffs)) < 2:
                 raise ModelFormatError(
-                    f"layer {layer.name!r}: polynomial of degree {len(coeffs) - 1} is not "
-                    "supported yet (degree <= 2)"
-                )
+                    f"layer {layer.name!r}: constant polynomial {coeffs}: nothing to compute "
+                    "on ciphertexts (fold the constant into the next layer's bias)")
+            else:
+                steps.append(PlanStep("poly", {"coeffs": coeffs}))
             last_linear = None
         else:
             raise ModelFormatError(f"layer {layer.name!r}: op {layer.op!r} cannot be lowered")
@@ -79,8 +82,8 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
 
 def plan_depth(steps: list[PlanStep]) -> int:
     cost = {"conv2d": 1, "conv2d_im2col": 1, "dense": 1, "square": 1, "poly2": 2}
-    return sum(cost.get(s.op, 0) for s in steps
-               if s.attrs.get("rescale", True) or s.op not in ("dense",))
+    return sum(poly_depth(s.attrs["coeffs"]) if s.op == "poly" else cost.get(s.op, 0)
+               for s in steps if s.attrs.get("rescale", True) or s.op not in ("dense",))
 
 
 # Above about 52 bits SEAL's special prime made rotations markedly slower on this machine
@@ -125,11 +128,17 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
         co, ci, kh, kw = first.weight.shape
         stride, pad = first.attrs.get("stride", 1), first.attrs.get("padding", 0)
         if first_conv == "im2col":
-            probe = Im2colLayout(tuple(input_shape), co, (kh, kw), stride, pad, slots, 1)
-            tpc = 1 << int(math.log2(max(1, slots // probe.group)))
+            probe = Im2colLayout(tuple(input_shape), co, (kh, kw), stride, pad, slots, 1,
+                                 0, 1)
+            per_ct = min(co, slots // probe.group)  # output channels per output ciphertext
+            if per_ct < 1:
+                raise ModelFormatError(f"one output channel of the first convolution "
+                                       f"({probe.group} values) exceeds {slots} slots")
+            group = per_ct * probe.group
+            tpc = 1 << int(math.log2(max(1, slots // group)))
             # groups spread over all slots: the rotate-and-sum then replicates the result
             layout = Im2colLayout(tuple(input_shape), co, (kh, kw), stride, pad, slots, tpc,
-                                  slots // tpc)
+                                  slots // tpc, per_ct)
             return layout, PlanStep("conv2d_im2col", dict(first.attrs), first.weight, first.bias)
         c, h, w = input_shape
         block = h * w
@@ -142,14 +151,17 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
 
 def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2col",
           output_div: float = 1.0, final_rescale: bool | None = None,
-          batch: bool = False) -> Plan:
+          batch: bool = False, scale_bits: int | None = None) -> Plan:
     """Model -> Plan. `first_conv`: "im2col" (client arranges windows: larger upload, fastest)
     or "rotation" (input in one ciphertext: small upload, rotations on the server).
     `output_div` divides the last linear layer so logits fit the last prime's headroom.
     `final_rescale`: False = the last dense layer skips its rescale (one prime less); None (the
     default) = skip it when this function also chooses the parameters.
     `batch`: throughput mode, one image per slot (`BatchLayout`): same parameters and scales,
-    linear layers as scalar multiply-accumulates over ciphertexts, no rotations."""
+    linear layers as scalar multiply-accumulates over ciphertexts, no rotations.
+    `scale_bits`: the CKKS scale (and data prime size) when this function chooses the
+    parameters; default the model's `metadata["scale_bits"]`, else 29. A deep model trades bits
+    per level for a smaller ring (fmnist-alexnet: 24 bits, n=16384 instead of 32768)."""
     if first_conv not in FIRST_CONV:
         raise ModelFormatError(f"first_conv {first_conv!r}: choose one of {FIRST_CONV}")
     steps, out_scale = fold_model(model)
@@ -167,7 +179,8 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
             steps[-1].attrs["rescale"] = False
     max_out = (model.metadata.get("max_abs") or {}).get(model.layers[-1].name)
     out_bits = math.ceil(math.log2(max_out * 1.5 / output_div)) if max_out else None
-    params = params or choose_params(plan_depth(steps), out_bits=out_bits,
+    scale_bits = scale_bits or int(model.metadata.get("scale_bits", 29))
+    params = params or choose_params(plan_depth(steps), scale_bits, out_bits=out_bits,
                                      final_rescale=steps[-1].attrs.get("rescale", True))
     layout, first = input_layout_for(steps[0], model.input_shape, params.slots, first_conv)
     steps[0] = first
@@ -216,9 +229,17 @@ def _fit_final_scale(plan: Plan, model: Model) -> None:
     probe = Plan(plan.name, params, plan.input_shape, plan.input_layout, steps[:-1])
     before_last = probe.build_kernels(SymbolicBackend(params), encode=False)[-1]
     bits_left = sum(params.coeff_mod_bits[: before_last.out_level + 1]) - 1
-    excess = (math.log2(before_last.out_scale)
-              - (bits_left - headroom - MIN_WEIGHT_SCALE_BITS))
+    # the bits above the headroom are shared by the incoming scale and the weights' scale: an
+    # even split (never below 2^20 for the weights) gave the smallest logit error
+    weight_bits = max(MIN_WEIGHT_SCALE_BITS, (bits_left - headroom) // 2)
+    excess = math.log2(before_last.out_scale) - (bits_left - headroom - weight_bits)
     if excess <= 0:
+        return
+    acts = [i for i, s in enumerate(steps[:-1]) if s.op in ("square", "poly2", "poly")]
+    if acts and steps[acts[-1]].op == "poly":
+        # the generic polynomial sets its own output scale (its coefficients are encoded lower):
+        # lowering it there keeps the powers x^(2^j) at full precision
+        steps[acts[-1]].attrs["scale_down_bits"] = math.ceil(excess)
         return
     squares = [i for i, s in enumerate(steps[:-1]) if s.op in ("square", "poly2")]
     before = squares[-1] if squares else len(steps) - 1

@@ -50,9 +50,73 @@ def test_replicated_input_conv_needs_no_block_shifts(rng):
     he, compiled = run_encrypted(small_params(1), grid((1, 10, 10), 1, replicas=4), [step], x)
     assert_close(he, ref.conv2d(x, w, None, 1, 1))
     conv = compiled.kernels[0]
-    assert conv.r_min == conv.r_max == 0
+    assert conv.r0 == 0 and conv.n_giant == 1
     # baby steps over 3 columns + 2 row giant steps: 5 rotations, not 9
     assert len(conv.chain) <= 3
+
+
+def _decrypt_replicas(compiled, out_cts, layout):
+    """Every replica of a decrypted grid output, as (replicas, C, H, W)."""
+    be = compiled.backend
+    vec = be.decrypt(out_cts[0])
+    ct, slot = layout.positions()
+    return np.stack([vec[slot + shift].reshape(layout.shape) for shift in layout.replica_shifts()])
+
+
+def test_conv_writes_every_free_copy_of_its_output(rng):
+    """4 channels of 8x8 fill a quarter of 2048 slots: the output comes in 4 copies, each exact,
+    and the next convolution, finding every input channel at r in [0, 4), needs 4 block
+    diagonals per pair instead of 7."""
+    x = rng.normal(size=(2, 8, 8))
+    w1 = rng.normal(scale=0.3, size=(4, 2, 3, 3))
+    w2 = rng.normal(scale=0.3, size=(4, 4, 3, 3))
+    steps = [PlanStep("conv2d", {"stride": 1, "padding": 1}, w1, np.ones(4)),
+             PlanStep("conv2d", {"stride": 1, "padding": 1}, w2, np.full(4, 0.5))]
+    he, compiled = run_encrypted(small_params(2), grid((2, 8, 8), 2), steps, x)
+    y1 = ref.conv2d(x, w1, np.ones(4), 1, 1)
+    assert_close(he, ref.conv2d(y1, w2, np.full(4, 0.5), 1, 1))
+    first, second = compiled.kernels
+    assert first.out_layout.replicas == SLOTS // (4 * 64)
+    n_diag = second.expected_ops["multiply_plain"] / 9
+    assert n_diag == 4, n_diag
+    # the copies themselves are right (the dense layer after a conv reads them)
+    be = compiled.backend
+    spec = compiled.spec
+    from heinfer.codec import encode_encrypt
+
+    cts = encode_encrypt(be, spec, x)
+    mid = compiled.kernels[0](be, cts)
+    copies = _decrypt_replicas(compiled, mid, first.out_layout)
+    for copy in copies:
+        assert_close(copy, y1)
+
+
+@pytest.mark.parametrize("baby,rows_in_baby", [(1, False), (2, True), (4, False), (8, True)])
+def test_conv_baby_giant_split_is_exact_for_every_choice(rng, baby, rows_in_baby):
+    """Forcing each baby-step size and row placement gives the same numbers (the compiler only
+    chooses among them by cost)."""
+    from heinfer.backends import make_backend
+    from heinfer.codec import encode_encrypt
+    from heinfer.kernels.base import BuildContext
+    from heinfer.kernels.conv import RotationConv2d
+
+    x = rng.normal(size=(8, 8, 8))
+    w = rng.normal(scale=0.2, size=(8, 8, 3, 3))
+    params = small_params(1)
+    be = make_backend(params, "tenseal")
+    layout = grid((8, 8, 8), 8)
+    conv = RotationConv2d(BuildContext(be), w, None, 1, 1, layout, params.depth,
+                          params.scale, baby=baby, rows_in_baby=rows_in_baby)
+    assert conv.baby == baby and conv.rows_in_baby == rows_in_baby
+    be.generate_keys(sorted(conv.steps_used))
+    step = PlanStep("conv2d", {"stride": 1, "padding": 1}, w, None)
+    from heinfer.plan import Plan
+
+    spec = Plan("t", params, (8, 8, 8), layout, [step]).spec(be)
+    out = conv(be, encode_encrypt(be, spec, x))
+    vec = be.decrypt(out[0])
+    ct, slot = conv.out_layout.positions()
+    assert_close(vec[slot].reshape(8, 8, 8), ref.conv2d(x, w, None, 1, 1))
 
 
 def test_three_convolutions_chained_without_decryption(rng):
@@ -169,3 +233,35 @@ def test_final_dense_without_room_is_refused(rng):
                     None)
     with pytest.raises(LayoutError, match="weights' scale"):
         run_encrypted(small_params(1), VectorLayout(10, SLOTS), [step], x)
+
+
+def test_dense_over_inputs_filling_every_slot_of_two_ciphertexts(rng):
+    """16 channels of 8x16 fill two ciphertexts: the rows gather cyclically over all slots."""
+    x = rng.normal(size=(16, 8, 16))
+    w = rng.normal(scale=0.05, size=(10, 16 * 8 * 16))
+    b = rng.normal(size=10)
+    layout = GridLayout((16, 8, 16), SLOTS, 8, 256, 16, 1)
+    steps = [PlanStep("flatten"), PlanStep("dense", {}, w, b)]
+    he, compiled = run_encrypted(small_params(1), layout, steps, x)
+    assert_close(he, w @ x.reshape(-1) + b)
+    dense = compiled.kernels[1]
+    assert dense.period * dense.groups == SLOTS
+
+
+def test_im2col_output_channel_groups_feed_a_rotation_conv(rng):
+    """A first layer split in output groups (as AlexNet's 96 x 55 x 55 must be): 3 output
+    ciphertexts of 2 channels each from the same uploaded windows, then a convolution over them."""
+    x = rng.normal(size=(1, 8, 8))
+    w1 = rng.normal(scale=0.3, size=(6, 1, 3, 3))
+    b1 = rng.normal(size=6)
+    w2 = rng.normal(scale=0.3, size=(2, 6, 3, 3))
+    layout = Im2colLayout((1, 8, 8), 6, (3, 3), 1, 1, SLOTS, 4, SLOTS // 4, 2)
+    assert layout.out_groups == 3 and layout.group == 2 * 64
+    steps = [PlanStep("conv2d_im2col", {}, w1, b1),
+             PlanStep("conv2d", {"stride": 1, "padding": 1}, w2, None)]
+    he, compiled = run_encrypted(small_params(2), layout, steps, x)
+    y1 = ref.conv2d(x, w1, b1, 1, 1)
+    assert_close(he, ref.conv2d(y1, w2, None, 1, 1))
+    first = compiled.kernels[0]
+    assert first.out_layout.n_ct == 3
+    assert first.expected_ops["multiply_plain"] == 3 * layout.n_ct

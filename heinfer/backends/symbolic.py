@@ -23,6 +23,7 @@ class SymbolicText:
 
 class SymbolicBackend:
     name = "symbolic"
+    data_free = True  # encode() ignores values: kernels may pass None (BuildContext.values_needed)
 
     def __init__(self, params: CKKSParams):
         self.params = params

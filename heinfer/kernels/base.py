@@ -32,7 +32,14 @@ class BuildContext:
     def slots(self) -> int:
         return self.backend.slots
 
-    def encode(self, values: np.ndarray, level: int, scale: float) -> Plaintext | None:
+    @property
+    def values_needed(self) -> bool:
+        """False on a data-free backend: kernels then skip building mask vectors (they still
+        call `encode(None, level, scale)` so levels and scales stay exact). Full-size networks
+        plan and count in little memory this way."""
+        return self.encode_plaintexts and not getattr(self.backend, "data_free", False)
+
+    def encode(self, values: np.ndarray | None, level: int, scale: float) -> Plaintext | None:
         if not self.encode_plaintexts:
             return None
         return self.backend.encode(values, level, scale)

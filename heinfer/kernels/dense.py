@@ -52,10 +52,16 @@ ROTATE_COST, MULTIPLY_PLAIN_COST = 20.0, 1.0
 MIN_WEIGHT_SCALE_BITS = 20
 
 
-def _period_and_groups(span: int, rows: int, room: int) -> tuple[int, int] | None:
+def _period_and_groups(span: int, rows: int, room: int,
+                       cyclic: bool = False) -> tuple[int, int] | None:
     """Row period >= rows whose padded group count fits `room` slots: the smallest one, or the
     next power of two when it costs at most half again as much, because power-of-two periods
     make the rotate-and-sum steps (and so the Galois keys) common to every layer."""
+    if cyclic and span > room // 2 and room & (room - 1) == 0:
+        # inputs spread over (nearly) every slot: a power-of-two period summed cyclically over
+        # all room/period groups gathers every product (the diagonal index fixes the row)
+        period = next_pow2(rows)
+        return (period, room // period) if period <= room else None
     period = max(1, rows)
     while period <= room:
         groups = next_pow2((span + period - 2) // period + 1)
@@ -113,7 +119,7 @@ class DiagonalDense(Kernel):
                 continue
             shifts = shifts_all[:r]
             room = min([b - a for a, b in zip(shifts, shifts[1:] + [slots], strict=True)])
-            found = _period_and_groups(span, math.ceil(m / r), room)
+            found = _period_and_groups(span, math.ceil(m / r), room, cyclic=room == slots)
             if found is None:
                 continue
             period, groups = found
@@ -130,11 +136,23 @@ class DiagonalDense(Kernel):
         rows = np.arange(m)
         local = (rows % rows_per)[:, None]
         delta = np.asarray(shifts)[rows // rows_per][:, None]
-        d = (u[None, :] - t0 - local) % period                # diagonal index of W[i, j]
-        t = (u[None, :] + delta - d) % slots                  # slot collecting W[i, j]
         n_in = in_layout.n_ct
-        diags = np.zeros((n_in, period, slots))
-        diags[np.broadcast_to(ct_idx, (m, n)), d, t] = weight
+        if ctx.values_needed:
+            d = (u[None, :] - t0 - local) % period            # diagonal index of W[i, j]
+            t = (u[None, :] + delta - d) % slots              # slot collecting W[i, j]
+            diags = np.zeros((n_in, period, slots))
+            diags[np.broadcast_to(ct_idx, (m, n)), d, t] = weight
+            present = diags.any(-1)
+        else:
+            # data-free: which diagonals some input meets (every weight taken as nonzero),
+            # without the (m, n) index arrays or the diagonals themselves
+            present = np.zeros((n_in, period), dtype=bool)
+            for c in range(n_in):
+                res = np.unique((u[ct_idx == c] - t0) % period)
+                if rows_per >= period:
+                    present[c] = len(res) > 0
+                else:
+                    present[c, (res[:, None] - np.arange(rows_per)[None, :]) % period] = True
         # a power-of-two baby step (the giant step's key) is often a key some layer has already
         self.baby = baby or max(1, 1 << round(math.log2(max(1.0, math.sqrt(period)))))
         self.giant = math.ceil(period / self.baby)
@@ -146,10 +164,10 @@ class DiagonalDense(Kernel):
             for c in range(n_in):
                 for b in range(self.baby):
                     dd = b + self.baby * gg
-                    if dd >= period or not diags[c, dd].any():
+                    if dd >= period or not present[c, dd]:
                         continue
-                    row[(c, b)] = ctx.encode(np.roll(diags[c, dd], self.baby * gg), level,
-                                             weight_scale)
+                    vals = np.roll(diags[c, dd], self.baby * gg) if ctx.values_needed else None
+                    row[(c, b)] = ctx.encode(vals, level, weight_scale)
                     used_babies.add(b)
                     self.expected_ops["multiply_plain"] += 1
             self.plaintexts.append(row)
