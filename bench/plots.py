@@ -104,9 +104,34 @@ def accuracy_vs_degree(results: Path = RESULTS / "degree_bench.json",
     return Path(out)
 
 
+def key_tradeoff(results: Path = RESULTS / "alexnet_bench.json",
+                 out: Path = IMG / "alexnet_keys_tradeoff.png") -> Path:
+    """AlexNet-style model: server time against evaluation-key size, one point per key budget
+    (predicted by the calibrated cost model, and measured)."""
+    rows = [r for r in json.loads(results.read_text())["budgets"] if "error" not in r]
+    mb = [r["key_mb"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(mb, [r["predicted_ms"] / 1e3 for r in rows], "o--", label="predicted")
+    meas = [(r["key_mb"], r["measured_ms"] / 1e3) for r in rows if "measured_ms" in r]
+    if meas:
+        ax.plot(*zip(*meas, strict=True), "s-", label="measured (median)")
+    for r in rows:
+        ax.annotate(f"{r['keys']} keys", (r["key_mb"], r["predicted_ms"] / 1e3), fontsize=8,
+                    textcoords="offset points", xytext=(4, 6))
+    ax.axvline(400, color="grey", ls=":", lw=1)
+    ax.text(402, ax.get_ylim()[0], "400 MB target", fontsize=8, rotation=90, va="bottom")
+    ax.set_xlabel("evaluation keys (MB, seeded)")
+    ax.set_ylabel("server time per image (s)")
+    ax.set_title("fmnist-alexnet: time vs key size under Galois key budgets")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return Path(out)
+
+
 def main() -> int:
     IMG.mkdir(parents=True, exist_ok=True)
-    for out in (time_per_layer(), latency_vs_batch(), accuracy_vs_degree()):
+    for out in (time_per_layer(), latency_vs_batch(), accuracy_vs_degree(), key_tradeoff()):
         print(f"wrote {out}")
     return 0
 

@@ -337,6 +337,10 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
                              rescale=a.get("rescale", True),
                              headroom_bits=a.get("headroom_bits", 6),
                              scale_down_bits=a.get("scale_down_bits", 0))
+    if step.op == "compact":
+        from heinfer.kernels.relayout import Compact
+
+        return Compact(ctx, layout, level, scale, a.get("baby"))
     if step.op == "sumpool2d":
         return SumPool2d(ctx, a["kernel"], a.get("stride", a["kernel"]), layout, level, scale)
     if step.op == "square":

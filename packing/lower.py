@@ -81,7 +81,8 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
 
 
 def plan_depth(steps: list[PlanStep]) -> int:
-    cost = {"conv2d": 1, "conv2d_im2col": 1, "dense": 1, "square": 1, "poly2": 2}
+    cost = {"conv2d": 1, "conv2d_im2col": 1, "dense": 1, "square": 1, "poly2": 2,
+            "compact": 1}
     return sum(poly_depth(s.attrs["coeffs"]) if s.op == "poly" else cost.get(s.op, 0)
                for s in steps if s.attrs.get("rescale", True) or s.op not in ("dense",))
 
@@ -151,7 +152,8 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
 
 def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2col",
           output_div: float = 1.0, final_rescale: bool | None = None,
-          batch: bool = False, scale_bits: int | None = None) -> Plan:
+          batch: bool = False, scale_bits: int | None = None,
+          compact: bool | None = False) -> Plan:
     """Model -> Plan. `first_conv`: "im2col" (client arranges windows: larger upload, fastest)
     or "rotation" (input in one ciphertext: small upload, rotations on the server).
     `output_div` divides the last linear layer so logits fit the last prime's headroom.
@@ -161,10 +163,74 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
     linear layers as scalar multiply-accumulates over ciphertexts, no rotations.
     `scale_bits`: the CKKS scale (and data prime size) when this function chooses the
     parameters; default the model's `metadata["scale_bits"]`, else 29. A deep model trades bits
-    per level for a smaller ring (fmnist-alexnet: 24 bits, n=16384 instead of 32768)."""
+    per level for a smaller ring (fmnist-alexnet: 24 bits, n=16384 instead of 32768).
+    `compact`: after a pooling that leaves its map sparse (under half the slots used) and feeds
+    a convolution, convert to a compact grid (`Compact`, one level). True: wherever that holds;
+    None: only if the priced plan is cheaper (this machine's calibration when cached, else
+    operation counts), the choice recorded in `metadata["compact"]`; False (default): never."""
     if first_conv not in FIRST_CONV:
         raise ModelFormatError(f"first_conv {first_conv!r}: choose one of {FIRST_CONV}")
+    opts = dict(params=params, first_conv=first_conv, output_div=output_div,
+                final_rescale=final_rescale, batch=batch, scale_bits=scale_bits)
+    if compact is None or compact is True:
+        plain = lower(model, **opts)
+        points = [] if batch else compaction_points(plain)
+        if not points:
+            plain.metadata["compact"] = {"points": [], "why": "no sparse pooled map feeds a conv"}
+            return plain
+        try:
+            packed = _lower(model, **opts, compact_after=points)
+        except ModelFormatError as e:  # e.g. the extra level fits no 128-bit parameters
+            if compact is True:
+                raise
+            plain.metadata["compact"] = {"points": points, "chosen": False, "why": str(e)}
+            return plain
+        if compact is True:
+            return packed
+        return _cheaper(plain, packed)
+    return _lower(model, **opts)
+
+
+def compaction_points(plan: Plan) -> list[int]:
+    """Indices (in the folded steps) of pools whose output uses under half its slots and feeds
+    a convolution: where a compact layout would shrink the next layers' ciphertext count."""
+    from heinfer.backends.symbolic import SymbolicBackend
+    from heinfer.kernels.relayout import slot_use
+
+    kernels = plan.build_kernels(SymbolicBackend(plan.params))
+    points = []
+    for i, (st, k) in enumerate(zip(plan.steps, kernels, strict=True)):
+        nxt = plan.steps[i + 1].op if i + 1 < len(plan.steps) else None
+        if st.op == "sumpool2d" and nxt == "conv2d" and slot_use(k.out_layout) < 0.5:
+            points.append(i)
+    return points
+
+
+def _cheaper(plain: Plan, packed: Plan) -> Plan:
+    from heinfer_packing.calibrate import calibration_path, load_or_calibrate
+    from heinfer_packing.report import report
+
+    def price(plan: Plan) -> tuple[float, str]:
+        if calibration_path(plan.params).exists():
+            return report(plan, load_or_calibrate(plan.params)).predicted_ms, "calibrated ms"
+        rep = report(plan)  # uncalibrated: a rotation as 20 plaintext multiplies
+        return sum(20 * lr.count("rotate") + lr.count("multiply_plain")
+                   for lr in rep.layers), "op-count units"
+
+    (a, unit), (b, _) = price(plain), price(packed)
+    best = packed if b < a else plain
+    best.metadata["compact"] = {"points": packed.metadata.get("compact_after", []),
+                                "chosen": best is packed, "without": a, "with": b,
+                                "unit": unit}
+    return best
+
+
+def _lower(model: Model, params: CKKSParams | None, first_conv: str, output_div: float,
+           final_rescale: bool | None, batch: bool, scale_bits: int | None,
+           compact_after: list[int] | None = None) -> Plan:
     steps, out_scale = fold_model(model)
+    for i in sorted(compact_after or [], reverse=True):
+        steps.insert(i + 1, PlanStep("compact"))
     linear = [i for i, s in enumerate(steps) if s.op in LINEAR_OPS]
     if output_div != 1.0 and linear:
         last = steps[linear[-1]]
@@ -193,6 +259,8 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
         )
     plan = Plan(model.name, params, tuple(model.input_shape), layout, steps, out_scale,
                 list(model.labels), {"first_conv": first_conv, **model.metadata})
+    if compact_after:
+        plan.metadata["compact_after"] = list(compact_after)
     if steps[-1].op == "dense" and not steps[-1].attrs.get("rescale", True):
         _fit_final_scale(plan, model)
     if batch:

@@ -100,6 +100,15 @@ class PlanReport:
         lines.append(f"depth {p.params.top_level - self.layers[-1].level_out}, ring degree "
                      f"{p.params.poly_modulus_degree}, {len(self.rotation_steps)} rotation "
                      f"steps {self.rotation_steps}")
+        c = p.metadata.get("compact")
+        if c and c.get("points"):
+            if "with" in c:
+                lines.append(f"compaction after the pools at steps {c['points']}: "
+                             f"{'chosen' if c['chosen'] else 'not chosen'} ({c['with']:.0f} "
+                             f"with vs {c['without']:.0f} without, {c['unit']})")
+            else:
+                lines.append(f"compaction after the pools at steps {c['points']}: not chosen "
+                             f"({c.get('why', '')})")
         if self.rotations is not None:
             rk = self.rotations
             lines.append(f"Galois key budget {rk.max_keys if rk.max_keys is not None else '-'}"

@@ -265,3 +265,19 @@ def test_im2col_output_channel_groups_feed_a_rotation_conv(rng):
     first = compiled.kernels[0]
     assert first.out_layout.n_ct == 3
     assert first.expected_ops["multiply_plain"] == 3 * layout.n_ct
+
+
+def test_compact_moves_a_pooled_grid_into_dense_blocks(rng):
+    """3 channels of 8x8 left at stride 2 in a 16x16 grid (as after pooling), over 2 ciphertexts:
+    compacted to blocks of 64 in one ciphertext, values exact, one level."""
+    from heinfer.kernels.relayout import Compact, compact_layout, slot_use
+
+    x = rng.normal(size=(3, 8, 8))
+    layout = GridLayout((3, 8, 8), SLOTS, 2, 256 * 2, 32, 2)
+    assert layout.n_ct == 2 and slot_use(layout) < 0.1
+    he, compiled = run_encrypted(small_params(1), layout, [PlanStep("compact")], x)
+    assert_close(he, x)
+    k = compiled.kernels[0]
+    assert isinstance(k, Compact) and k.out_layout == compact_layout(layout)
+    assert k.out_layout.n_ct == 1 and k.out_layout.block == 64
+    assert k.out_level == k.in_level - 1 and k.out_scale == k.in_scale

@@ -149,3 +149,24 @@ def test_unreadable_onnx_is_a_clear_error(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(ModelFormatError, match="cannot read ONNX model"):
         load_onnx(tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("first_conv", ["im2col", "rotation"])
+def test_compaction_after_a_sparse_pool_is_exact_and_priced(rng, first_conv):
+    """conv -> pool leaves 6x6 maps at stride 2 (5% of the slots): `compact=True` converts them
+    to dense blocks before conv2 (one more level); `compact=None` prices both and records it."""
+    model = small_cnn(rng)
+    plan = lower(model, small_params(6), first_conv=first_conv, compact=True)
+    assert [s.op for s in plan.steps].count("compact") == 1
+    assert plan_depth(plan.steps) == 6
+    x = rng.normal(size=(1, 12, 12))
+    he, compiled = run_encrypted(plan.params, plan.input_layout, plan.steps, x)
+    expected = model.forward(x)
+    assert np.abs(he * plan.output_scale - expected).max() < 5e-3 * max(1, np.abs(expected).max())
+    conv2 = compiled.kernels[[s.op for s in plan.steps].index("compact") + 1]
+    assert conv2.in_layout.block == 64  # 6x6 in blocks of next_pow2(36): cyclic diagonals
+    auto = lower(model, first_conv=first_conv, compact=None)
+    info = auto.metadata["compact"]
+    assert info["points"] == [2] and info["with"] > 0 and info["without"] > 0
+    assert info["chosen"] == (info["with"] < info["without"])
+    assert ("compact" in [s.op for s in auto.steps]) == info["chosen"]

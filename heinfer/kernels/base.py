@@ -150,3 +150,33 @@ def constant_plaintext(ctx: BuildContext, value: float, level: int, scale: float
     if slots_mask is not None:
         v = v * slots_mask
     return ctx.encode(v, level, scale)
+
+
+def masked_sum(be: Backend, rotated: list[dict], terms: list) -> Ciphertext | None:
+    """sum of rotated[c][offset] * plaintext over terms (c, offset, plaintext), rescaled once;
+    None when there are no terms. The inner sum of every baby-step/giant-step kernel."""
+    acc = None
+    for c, off, pt in terms:
+        prod = be.multiply_plain(rotated[c][off], pt)
+        if acc is None:
+            acc = prod
+        else:
+            be.add_inplace(acc, prod)
+    if acc is not None:
+        be.rescale_inplace(acc)
+    return acc
+
+
+def horner(be: Backend, parts: list, step: int) -> Ciphertext | None:
+    """sum_k rot(parts[k], k*step) with one Galois key, parts[k] possibly None (zero)."""
+    acc = None
+    for part in reversed(parts):
+        if acc is not None:
+            acc = be.rotate(acc, step)
+        if part is not None:
+            if acc is None:
+                acc = part
+            else:
+                be.add_inplace(acc, part)
+    return acc
+

@@ -34,6 +34,8 @@ from heinfer.errors import LayoutError
 from heinfer.kernels.base import (
     BuildContext,
     Kernel,
+    horner,
+    masked_sum,
     next_pow2,
     plan_rotation_chain,
     run_rotation_chain,
@@ -201,32 +203,6 @@ class RotationConv2d(Kernel):
         rows = "rows in baby steps" if self.rows_in_baby else "rows as giant steps"
         return f"{super().describe()} (baby {self.baby} block(s), {self.n_giant} giant, {rows})"
 
-    @staticmethod
-    def _horner(be: Backend, parts: list, step: int):
-        """sum_k rot(parts[k], k*step), parts[k] possibly None (zero)."""
-        acc = None
-        for part in reversed(parts):
-            if acc is not None:
-                acc = be.rotate(acc, step)
-            if part is not None:
-                if acc is None:
-                    acc = part
-                else:
-                    be.add_inplace(acc, part)
-        return acc
-
-    def _inner_sum(self, be: Backend, rotated: list[dict], terms: list):
-        acc = None
-        for gi, off, pt in terms:
-            prod = be.multiply_plain(rotated[gi][off], pt)
-            if acc is None:
-                acc = prod
-            else:
-                be.add_inplace(acc, prod)
-        if acc is not None:
-            be.rescale_inplace(acc)
-        return acc
-
     def run(self, be: Backend, cts: list[Ciphertext]) -> list[Ciphertext]:
         rotated = [run_rotation_chain(be, ct, self.chain) for ct in cts]
         rows = 1 if self.rows_in_baby else self.kh
@@ -234,10 +210,10 @@ class RotationConv2d(Kernel):
         for go, inner in enumerate(self.inner):
             per_rg = []
             for rg in range(self.n_giant):
-                per_di = [self._inner_sum(be, rotated, inner.get((rg, di), []))
+                per_di = [masked_sum(be, rotated, inner.get((rg, di), []))
                           for di in range(rows)]
-                per_rg.append(self._horner(be, per_di, self.row_stride))
-            acc = self._horner(be, per_rg, self.baby * self.block)
+                per_rg.append(horner(be, per_di, self.row_stride))
+            acc = horner(be, per_rg, self.baby * self.block)
             if acc is None:
                 raise LayoutError("conv2d output ciphertext with no contribution")
             if self.r0:
