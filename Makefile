@@ -32,6 +32,10 @@ bench: $(STAMP)
 	$(PY) -m bench.first_bench
 	$(PY) -m bench.service_bench
 	$(PY) -m bench.throughput_bench
+	$(PY) -m bench.conformal_bench
+	$(PY) -m bench.alexnet_bench --images 50 --imagenet --budgets 16 12 8
+	$(PY) -m pip install -q -e ".[train]"
+	$(PY) -m bench.degree_bench
 	$(PY) -m bench.plots
 	$(PY) -m bench.zoo_bench --recalibrate
 

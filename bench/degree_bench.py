@@ -32,6 +32,7 @@ import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from bench.results_io import RESULTS, save_results
 from heinfer_models import fashion_mnist
 from heinfer_models.train import oracle_eval
 from heinfer_packing.lower import fold_model, plan_depth
-from heinfer_packing.modelfile import Layer, Model, save_model
+from heinfer_packing.modelfile import Layer, Model, load_model, save_model
 from heinfer_packing.rewrites import fit_activations
 
 MODEL_NAME = "fmnist-relu-small"
@@ -174,8 +175,10 @@ def table(data: dict) -> str:
     n_test = relu["test_images"]
     lines = [f"# bench/results/degree_bench.json ({data['date']}); command: {data['command']}",
              f"# ReLU network: plaintext accuracy {100 * relu['accuracy']:.2f}% on {n_test:,} "
-             f"test images (torch float32 {100 * data['train']['torch_accuracy']:.2f}%), "
-             f"trained {data['train']['epochs']} epochs in {data['train']['seconds']:.0f} s",
+             + (f"test images (torch float32 {100 * data['train']['torch_accuracy']:.2f}%), "
+                f"trained {data['train']['epochs']} epochs in {data['train']['seconds']:.0f} s"
+                if data["train"]["torch_accuracy"] is not None
+                else f"test images (saved model {data['train']['relu_model']})"),
              f"| degree | plaintext acc. ({n_test:,}) | agreement with ReLU | HE depth | ring n "
              "| encrypted images | top-1 agreement (HE vs plain) | max logit error "
              "| server ms / image |",
@@ -248,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--penalty", type=float, default=0.1)
     ap.add_argument("--bound", type=float, default=8.0)
+    ap.add_argument("--relu-model", type=Path, metavar="DIR",
+                    help="use this trained ReLU model (e.g. bench/results/fmnist-relu-small) "
+                         "instead of training one: no torch needed")
     args = ap.parse_args(argv)
     if args.quick:
         args.epochs, args.train_images, args.test_images = 1, 2000, 1000
         args.degrees, args.encrypted_degrees, args.images, args.calib = [2, 3], [2, 3], 2, 256
     command = " ".join([".venv/bin/python -m bench.degree_bench", shlex.join(argv)]).rstrip()
     t_start = time.perf_counter()
-
-    import torch
 
     tr_img, tr_lab = fashion_mnist.load("train")
     te_img, te_lab = fashion_mnist.load("test")
@@ -267,14 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     x_test = fashion_mnist.normalize(te_img[:args.test_images])
     y_test = te_lab[:args.test_images].astype(np.int64)
 
-    print(f"training {MODEL_NAME} (ReLU) on {len(x_train)} images, {args.epochs} epoch(s), "
-          f"{args.threads} thread(s)", flush=True)
-    net, train_s = train_relu(args, x_train, y_train)
-    t_acc = torch_accuracy(net, x_test, y_test)
-    relu = export(net)
-    relu_row, relu_preds = plaintext_row(relu, x_test, y_test, None)
-    print(f"ReLU: numpy accuracy {relu_row['accuracy']:.4f} (torch {t_acc:.4f}), trained in "
-          f"{train_s:.0f} s", flush=True)
+    if args.relu_model:
+        relu = load_model(args.relu_model)
+        t_acc, train_s, torch_version = None, 0.0, None
+        relu_row, relu_preds = plaintext_row(relu, x_test, y_test, None)
+        print(f"ReLU model {args.relu_model}: numpy accuracy {relu_row['accuracy']:.4f}",
+              flush=True)
+    else:
+        import torch
+
+        print(f"training {MODEL_NAME} (ReLU) on {len(x_train)} images, {args.epochs} "
+              f"epoch(s), {args.threads} thread(s)", flush=True)
+        net, train_s = train_relu(args, x_train, y_train)
+        t_acc, torch_version = torch_accuracy(net, x_test, y_test), torch.__version__
+        relu = export(net)
+        relu_row, relu_preds = plaintext_row(relu, x_test, y_test, None)
+        print(f"ReLU: numpy accuracy {relu_row['accuracy']:.4f} (torch {t_acc:.4f}), trained "
+              f"in {train_s:.0f} s", flush=True)
 
     rows, models = [], {}
     for d in args.degrees:
@@ -299,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "train": {"train_images": len(x_train), "epochs": args.epochs, "seed": args.seed,
                   "lr": args.lr, "batch_size": args.batch_size, "penalty": args.penalty,
                   "bound": args.bound, "threads": args.threads, "seconds": train_s,
-                  "torch_accuracy": t_acc, "torch_version": torch.__version__},
+                  "torch_accuracy": t_acc, "torch_version": torch_version,
+                  "relu_model": str(args.relu_model) if args.relu_model else None},
         "calibration_images": len(calib_x),
         "relu": relu_row,
         "rows": rows,
@@ -308,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     save_results("degree_bench", data, quick=args.quick)
     text = table(data)
     print("\n" + text)
-    if not args.quick:
+    if not args.quick and not args.relu_model:
         (RESULTS / "degree_bench.txt").write_text(text + "\n")
         relu.metadata = {
             "command": command, "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)",

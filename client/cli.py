@@ -1,6 +1,7 @@
 """`heinfer`: the command line, a thin layer over the SDK (and `serve` over the server).
 
     heinfer serve [--data-dir D --host H --port P --workers N ...]     run the service
+    heinfer compile MODEL [--objective latency --out PREFIX ...]       = heinfer-compile
     heinfer health                                                     readiness of a server
     heinfer models list | show NAME | add NAME.plan.json | remove NAME
     heinfer keygen MODEL                                               make/show local keys
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the server (flags: heinfer serve --help)",
                    add_help=False)
+    sub.add_parser("compile", help="compile a model to a plan and report (flags: heinfer "
+                   "compile --help; same as heinfer-compile)", add_help=False)
     h = sub.add_parser("health", parents=[common], help="is the server ready?")
     h.add_argument("--live", action="store_true", help="liveness instead of readiness")
     h.set_defaults(fn=cmd_health)
@@ -213,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         from heinfer_server.main import main as serve
 
         return serve(argv[1:])
+    if argv[:1] == ["compile"]:  # the compiler too (same as heinfer-compile)
+        from heinfer_packing.cli import main as compile_model
+
+        return compile_model(argv[1:])
     args = build_parser().parse_args(argv)
     from heinfer.errors import HeinferError
     from heinfer_client import errors

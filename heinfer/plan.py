@@ -340,7 +340,7 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
     if step.op == "compact":
         from heinfer.kernels.relayout import Compact
 
-        return Compact(ctx, layout, level, scale, a.get("baby"))
+        return Compact(ctx, layout, level, scale, a.get("baby"), a.get("interleaved", False))
     if step.op == "sumpool2d":
         return SumPool2d(ctx, a["kernel"], a.get("stride", a["kernel"]), layout, level, scale)
     if step.op == "square":

@@ -79,9 +79,11 @@ def _main(argv: list[str] | None = None) -> int:
                     help="use N Fashion-MNIST training images (labelled) as calibration data")
     ap.add_argument("--calib-npz", help="calibration data: npz with x (N, ...) and optional y")
     ap.add_argument("--degree", type=int, default=2, help="degree of fitted activations")
-    ap.add_argument("--compact", choices=["auto", "always", "never"], default="auto",
-                    help="convert sparse pooled maps that feed a convolution to dense blocks "
-                         "(one level each); auto: when the priced plan is cheaper")
+    ap.add_argument("--compact", choices=["auto", "always", "interleaved", "never"],
+                    default="auto",
+                    help="convert sparse pooled maps that feed a convolution to dense channel "
+                         "blocks, or interleaved channels (one level each); auto: the cheapest "
+                         "priced plan among none, blocks and interleaved")
     ap.add_argument("--scale-bits", type=int, metavar="B",
                     help="CKKS scale 2^B (data primes of B bits); default: the model's "
                          "metadata scale_bits, else 29")
@@ -132,7 +134,8 @@ def _main(argv: list[str] | None = None) -> int:
     else:
         plan = lower(model, first_conv=args.first_conv,
                      final_rescale=True if args.precise else None, scale_bits=args.scale_bits,
-                     compact={"auto": None, "always": True, "never": False}[args.compact])
+                     compact={"auto": None, "always": True, "interleaved": "interleaved",
+                              "never": False}[args.compact])
     cal = None
     if args.calibrate or calibration_path(plan.params).exists():
         cal = load_or_calibrate(plan.params)

@@ -153,7 +153,7 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
 def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2col",
           output_div: float = 1.0, final_rescale: bool | None = None,
           batch: bool = False, scale_bits: int | None = None,
-          compact: bool | None = False) -> Plan:
+          compact: bool | str | None = False) -> Plan:
     """Model -> Plan. `first_conv`: "im2col" (client arranges windows: larger upload, fastest)
     or "rotation" (input in one ciphertext: small upload, rotations on the server).
     `output_div` divides the last linear layer so logits fit the last prime's headroom.
@@ -165,29 +165,32 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
     parameters; default the model's `metadata["scale_bits"]`, else 29. A deep model trades bits
     per level for a smaller ring (fmnist-alexnet: 24 bits, n=16384 instead of 32768).
     `compact`: after a pooling that leaves its map sparse (under half the slots used) and feeds
-    a convolution, convert to a compact grid (`Compact`, one level). True: wherever that holds;
-    None: only if the priced plan is cheaper (this machine's calibration when cached, else
-    operation counts), the choice recorded in `metadata["compact"]`; False (default): never."""
+    a convolution, convert to a compact grid (`Compact`, one level). True: wherever that holds,
+    channel blocks; "interleaved": the same with channels interleaved (HWC); None: the cheapest
+    of no compaction and both forms (this machine's calibration when cached, else operation
+    counts), the choice recorded in `metadata["compact"]`; False (default): never."""
     if first_conv not in FIRST_CONV:
         raise ModelFormatError(f"first_conv {first_conv!r}: choose one of {FIRST_CONV}")
     opts = dict(params=params, first_conv=first_conv, output_div=output_div,
                 final_rescale=final_rescale, batch=batch, scale_bits=scale_bits)
-    if compact is None or compact is True:
+    if compact is None or compact is True or compact == "interleaved":
         plain = lower(model, **opts)
         points = [] if batch else compaction_points(plain)
         if not points:
             plain.metadata["compact"] = {"points": [], "why": "no sparse pooled map feeds a conv"}
             return plain
-        try:
-            packed = _lower(model, **opts, compact_after=points)
-        except ModelFormatError as e:  # e.g. the extra level fits no 128-bit parameters
-            if compact is True:
-                raise
-            plain.metadata["compact"] = {"points": points, "chosen": False, "why": str(e)}
-            return plain
-        if compact is True:
-            return packed
-        return _cheaper(plain, packed)
+        if compact is not None:
+            return _lower(model, **opts, compact_after=points,
+                          interleaved=compact == "interleaved")
+        candidates = {"no compaction": plain}
+        for name, inter in (("compact, channel blocks", False),
+                            ("compact, interleaved channels", True)):
+            try:
+                candidates[name] = _lower(model, **opts, compact_after=points,
+                                          interleaved=inter)
+            except ModelFormatError:  # e.g. the extra levels fit no 128-bit parameters
+                continue
+        return _cheapest(candidates, points)
     return _lower(model, **opts)
 
 
@@ -206,31 +209,34 @@ def compaction_points(plan: Plan) -> list[int]:
     return points
 
 
-def _cheaper(plain: Plan, packed: Plan) -> Plan:
+def _cheapest(candidates: dict[str, Plan], points: list[int]) -> Plan:
+    """The candidate this machine's calibration prices lowest (operation counts, a rotation as
+    20 plaintext multiplies, when some candidate's parameters are not calibrated)."""
     from heinfer_packing.calibrate import calibration_path, load_or_calibrate
     from heinfer_packing.report import report
 
-    def price(plan: Plan) -> tuple[float, str]:
-        if calibration_path(plan.params).exists():
-            return report(plan, load_or_calibrate(plan.params)).predicted_ms, "calibrated ms"
-        rep = report(plan)  # uncalibrated: a rotation as 20 plaintext multiplies
-        return sum(20 * lr.count("rotate") + lr.count("multiply_plain")
-                   for lr in rep.layers), "op-count units"
+    calibrated = all(calibration_path(p.params).exists() for p in candidates.values())
 
-    (a, unit), (b, _) = price(plain), price(packed)
-    best = packed if b < a else plain
-    best.metadata["compact"] = {"points": packed.metadata.get("compact_after", []),
-                                "chosen": best is packed, "without": a, "with": b,
-                                "unit": unit}
+    def price(plan: Plan) -> float:
+        if calibrated:
+            return report(plan, load_or_calibrate(plan.params)).predicted_ms
+        rep = report(plan)
+        return sum(20 * lr.count("rotate") + lr.count("multiply_plain") for lr in rep.layers)
+
+    prices = {name: price(plan) for name, plan in candidates.items()}
+    name = min(prices, key=prices.get)
+    best = candidates[name]
+    best.metadata["compact"] = {"points": points, "chosen": name, "prices": prices,
+                                "unit": "calibrated ms" if calibrated else "op-count units"}
     return best
 
 
 def _lower(model: Model, params: CKKSParams | None, first_conv: str, output_div: float,
            final_rescale: bool | None, batch: bool, scale_bits: int | None,
-           compact_after: list[int] | None = None) -> Plan:
+           compact_after: list[int] | None = None, interleaved: bool = False) -> Plan:
     steps, out_scale = fold_model(model)
     for i in sorted(compact_after or [], reverse=True):
-        steps.insert(i + 1, PlanStep("compact"))
+        steps.insert(i + 1, PlanStep("compact", {"interleaved": True} if interleaved else {}))
     linear = [i for i, s in enumerate(steps) if s.op in LINEAR_OPS]
     if output_div != 1.0 and linear:
         last = steps[linear[-1]]

@@ -102,13 +102,9 @@ class PlanReport:
                      f"steps {self.rotation_steps}")
         c = p.metadata.get("compact")
         if c and c.get("points"):
-            if "with" in c:
-                lines.append(f"compaction after the pools at steps {c['points']}: "
-                             f"{'chosen' if c['chosen'] else 'not chosen'} ({c['with']:.0f} "
-                             f"with vs {c['without']:.0f} without, {c['unit']})")
-            else:
-                lines.append(f"compaction after the pools at steps {c['points']}: not chosen "
-                             f"({c.get('why', '')})")
+            prices = ", ".join(f"{k} {v:.0f}" for k, v in c.get("prices", {}).items())
+            lines.append(f"compaction after the pools at steps {c['points']}: chosen "
+                         f"{c.get('chosen')!r} ({prices} {c.get('unit', '')})")
         if self.rotations is not None:
             rk = self.rotations
             lines.append(f"Galois key budget {rk.max_keys if rk.max_keys is not None else '-'}"

@@ -50,11 +50,17 @@ def test_shipped_alexnet_encrypted_matches_plaintext():
 
 
 def test_full_size_topology_is_planned_in_little_memory():
-    """3x224x224 AlexNet: planned and counted on the data-free backend (no mask is built)."""
+    """3x224x224 AlexNet: planned with compaction after pool1 and pool2 and counted on the
+    data-free backend (no mask is built)."""
     model = alexnet.topology("alexnet-imagenet-224")
-    plan = lower(model)
+    plan = lower(model, compact=True)
+    ops = [s.op for s in plan.steps]
+    assert ops.count("compact") == 2 and ops.index("compact") == ops.index("sumpool2d") + 1
     rep = report(plan)
     convs = [lr for lr in rep.layers if lr.name.startswith("conv")]
     assert len(convs) == 5
     assert plan.input_layout.out_groups > 1  # 96 x 55 x 55 outputs exceed the slots
     assert all(lr.count("multiply_plain") > 0 for lr in rep.layers if lr.macs)
+    # after compaction the convolutions read power-of-two blocks: cyclic block diagonals
+    compacted = [lr.out_layout for lr in rep.layers if lr.name == "compact"]
+    assert [lay.split("@")[1].split(",")[0] for lay in compacted] == ["1024", "256"]

@@ -272,3 +272,15 @@ def test_failed_start_is_reported_and_leaves_no_process(tmp_path):
     with pytest.raises(RuntimeError, match="start-up failed.*missing.plan.json"):
         srv.start()
     assert srv.proc.poll() is not None
+
+
+def test_heinfer_compile_is_the_compiler(tmp_path, capsys):
+    """`heinfer compile` (the issue's spelling) runs heinfer-compile: plan, report, errors."""
+    from heinfer_client.cli import main
+
+    assert main(["compile", "fmnist-cryptonets", "--out", str(tmp_path / "cn")]) == 0
+    out = capsys.readouterr().out
+    assert "ring degree 8192" in out and (tmp_path / "cn.plan.json").exists()
+    assert "depth" in (tmp_path / "cn.report.txt").read_text()
+    assert main(["compile", "no-such-model"]) == 2
+    assert "no model 'no-such-model'" in capsys.readouterr().err

@@ -167,6 +167,25 @@ def test_compaction_after_a_sparse_pool_is_exact_and_priced(rng, first_conv):
     assert conv2.in_layout.block == 64  # 6x6 in blocks of next_pow2(36): cyclic diagonals
     auto = lower(model, first_conv=first_conv, compact=None)
     info = auto.metadata["compact"]
-    assert info["points"] == [2] and info["with"] > 0 and info["without"] > 0
-    assert info["chosen"] == (info["with"] < info["without"])
-    assert ("compact" in [s.op for s in auto.steps]) == info["chosen"]
+    assert info["points"] == [2]
+    prices = info["prices"]
+    assert set(prices) == {"no compaction", "compact, channel blocks",
+                           "compact, interleaved channels"}
+    assert info["chosen"] == min(prices, key=prices.get)
+    assert ("compact" in [s.op for s in auto.steps]) == (info["chosen"] != "no compaction")
+
+
+@pytest.mark.parametrize("first_conv", ["im2col", "rotation"])
+def test_interleaved_channels_after_compaction_are_exact(rng, first_conv):
+    """Compaction to interleaved channels (HWC: channel c at column offset c): the convolution
+    after it keeps the interleave (no copies, non-cyclic diagonals) and stays exact."""
+    model = small_cnn(rng)
+    plan = lower(model, small_params(6), first_conv=first_conv, compact="interleaved")
+    assert plan.steps[3].op == "compact" and plan.steps[3].attrs["interleaved"]
+    x = rng.normal(size=(1, 12, 12))
+    he, compiled = run_encrypted(plan.params, plan.input_layout, plan.steps, x)
+    expected = model.forward(x)
+    assert np.abs(he * plan.output_scale - expected).max() < 5e-3 * max(1, np.abs(expected).max())
+    compact, conv2 = compiled.kernels[3], compiled.kernels[4]
+    assert compact.out_layout.block == 1 and compact.out_layout.col_stride == 3  # 3 channels
+    assert conv2.out_layout.block == 1 and conv2.out_layout.replicas == 1

@@ -71,11 +71,18 @@ class RotationConv2d(Kernel):
         lay = in_layout
         k_in = lay.channels_per_ct
         n_blocks_in = k_in * lay.replicas
-        nb = slots // lay.block if slots % lay.block == 0 else 0
+        # interleaved channels (a block smaller than one channel's grid: channel c sits at
+        # column offset c, as a compacted HWC layout): the output keeps the interleave, so at
+        # most col_stride*stride channels per ciphertext, no copies, no cyclic diagonals
+        interleaved = lay.block < lay.row_stride * (h - 1) + lay.col_stride * (w - 1) + 1
+        nb = slots // lay.block if slots % lay.block == 0 and not interleaved else 0
         # blocks that tile the slots make block diagonals cyclic: all outputs in one ciphertext
         # then cost no more diagonals than the input has blocks
-        k_out = out_channels_per_ct or (co_n if nb and co_n <= nb
-                                        else min(co_n, max(n_blocks_in, k_in)))
+        if interleaved:
+            k_out = out_channels_per_ct or min(co_n, lay.col_stride * s // lay.block)
+        else:
+            k_out = out_channels_per_ct or (co_n if nb and co_n <= nb
+                                            else min(co_n, max(n_blocks_in, k_in)))
         # When all outputs fit in half the slots or less, write them in every free copy too: the
         # same rotations and multiplies serve them (fuller masks), and the next convolution then
         # finds each input channel at a block diagonal r in [0, channels) instead of (-nb, nb).

@@ -4,7 +4,8 @@ Pooling and strided convolutions keep their outputs in place with wider strides,
 uses a quarter (then a sixteenth...) of its block. That is free until a wide layer follows: its
 cost grows with the number of ciphertexts, and blocks that do not divide the slots lose the
 cyclic block diagonals. `Compact` rewrites the grid with H*W elements per block of
-next_pow2(H*W) slots, row stride W, column stride 1.
+next_pow2(H*W) slots, row stride W, column stride 1 (CHW), or with the channels interleaved
+(HWC: channel c at column offset c); the compiler prices both.
 
 Element e moves from source slot s_e to destination slot d_e, a rotation by s_e - d_e. With
 shift = b + g (b = shift mod M, baby steps on each source ciphertext, shared; g on the rescaled
@@ -36,8 +37,16 @@ from heinfer.kernels.base import (
 from heinfer.layout import GridLayout
 
 
-def compact_layout(layout: GridLayout) -> GridLayout:
+def compact_layout(layout: GridLayout, interleaved: bool = False) -> GridLayout:
+    """Dense grid: channel blocks of next_pow2(H*W) slots (CHW, cyclic block diagonals for the
+    next convolution), or `interleaved` channels (HWC: channel c at column offset c, k channels
+    per ciphertext with k*H*W <= slots)."""
     c, h, w = layout.shape
+    if interleaved:
+        k = min(c, layout.slots // (h * w))
+        if k < 1:
+            raise LayoutError(f"one channel of {layout} does not fit {layout.slots} slots")
+        return GridLayout(layout.shape, layout.slots, k, 1, k * w, k)
     block = next_pow2(h * w)
     if block > layout.slots:
         raise LayoutError(f"one channel of {layout} does not fit {layout.slots} slots")
@@ -53,13 +62,13 @@ class Compact(Kernel):
     name = "compact"
 
     def __init__(self, ctx: BuildContext, in_layout: GridLayout, level: int, scale: float,
-                 baby: int | None = None):
+                 baby: int | None = None, interleaved: bool = False):
         super().__init__(ctx, in_layout, level, scale)
         if not isinstance(in_layout, GridLayout):
             raise LayoutError(f"compact needs a grid layout, got {in_layout}")
         self.needs_levels(ctx, 1)
         slots = ctx.slots
-        self.out_layout = compact_layout(in_layout)
+        self.out_layout = compact_layout(in_layout, interleaved)
         src_ct, src = in_layout.positions()
         dst_ct, dst = self.out_layout.positions()
         shift = (src - dst) % slots
