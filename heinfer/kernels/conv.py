@@ -193,7 +193,8 @@ class RotationConv2d(Kernel):
             self.step(ctx, b * lay.block)
         if self.r0:
             self.step(ctx, self.r0 * lay.block)
-        self.out_level, self.out_scale = level - 1, scale / 2.0**scale_down_bits
+        # in SEAL's own order (multiply, then divide by the prime): its scale check is exact
+        self.out_level, self.out_scale = level - 1, scale * prime / be.prime(level)
         self.bias = None
         if bias is not None and np.any(bias):
             ct_idx, slot_idx = self.out_layout.positions()

@@ -176,7 +176,9 @@ class DiagonalDense(Kernel):
             self.step(ctx, self.baby)
         rotate_and_sum_steps(ctx, self, period, self.groups)
         self.out_level = level - 1 if rescale else level
-        self.out_scale = (scale / 2.0**scale_down_bits) if rescale else scale * weight_scale
+        # in SEAL's own order (multiply, then divide by the prime): its scale check is exact
+        self.out_scale = (scale * weight_scale / be.prime(level) if rescale
+                          else scale * weight_scale)
         out_slots = (t0 + delta[:, 0] + local[:, 0]) % slots
         if self.replicas == 1 and np.all(np.diff(out_slots) == 1):
             self.out_layout = VectorLayout(m, slots, offset=int(out_slots[0]))

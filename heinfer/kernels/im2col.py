@@ -66,7 +66,9 @@ class Im2colConv2d(Kernel):
                     else 1)
         self.out_layout = GridLayout((co_n, ho, wo), slots, k, P, wo, 1, 0, replicas,
                                      self.group if replicas > 1 else 0)
-        self.out_level, self.out_scale = level - 1, scale / 2.0**scale_down_bits
+        # in SEAL's own order (multiply, then divide by the prime): its scale check is exact
+        self.out_level = level - 1
+        self.out_scale = scale * prime / ctx.backend.prime(level)
         self.bias = None
         if bias is not None and np.any(bias):
             ct_idx, slot_idx = self.out_layout.positions()

@@ -105,7 +105,7 @@ class Compact(Kernel):
         for inner in self.inner:
             if min(inner):
                 self.step(ctx, min(inner))
-        self.out_level, self.out_scale = level - 1, scale
+        self.out_level, self.out_scale = level - 1, scale * prime / prime  # SEAL's order
 
     def describe(self) -> str:
         return f"{super().describe()} (baby modulus {self.baby})"
