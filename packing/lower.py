@@ -210,8 +210,10 @@ def compaction_points(plan: Plan) -> list[int]:
 
 
 def _cheapest(candidates: dict[str, Plan], points: list[int]) -> Plan:
-    """The candidate this machine's calibration prices lowest (operation counts, a rotation as
-    20 plaintext multiplies, when some candidate's parameters are not calibrated)."""
+    """The candidate this machine's calibration prices lowest. When some candidate's parameters
+    are not calibrated: operation counts weighted by ring degree and primes (key switching
+    grows with the square of the primes, the rest linearly; a rotation as 20 plaintext
+    multiplies at n=8192 with 5 primes), so a deeper plan on a larger ring pays for it."""
     from heinfer_packing.calibrate import calibration_path, load_or_calibrate
     from heinfer_packing.report import report
 
@@ -221,13 +223,21 @@ def _cheapest(candidates: dict[str, Plan], points: list[int]) -> Plan:
         if calibrated:
             return report(plan, load_or_calibrate(plan.params)).predicted_ms
         rep = report(plan)
-        return sum(20 * lr.count("rotate") + lr.count("multiply_plain") for lr in rep.layers)
+        ring = plan.params.poly_modulus_degree / 8192
+        total = 0.0
+        for lr in rep.layers:
+            for (op, level), count in lr.ops.items():
+                primes = level + 1
+                key_switch = op.removesuffix("_inplace") in ("rotate", "square", "multiply",
+                                                              "relinearize")
+                total += count * ring * (20 * primes**2 / 25 if key_switch else primes / 5)
+        return total
 
     prices = {name: price(plan) for name, plan in candidates.items()}
     name = min(prices, key=prices.get)
     best = candidates[name]
     best.metadata["compact"] = {"points": points, "chosen": name, "prices": prices,
-                                "unit": "calibrated ms" if calibrated else "op-count units"}
+                                "unit": "calibrated ms" if calibrated else "weighted op counts"}
     return best
 
 
