@@ -320,7 +320,12 @@ _KINDS = {"grid": GridLayout, "vector": VectorLayout, "im2col": Im2colLayout,
 
 
 def layout_to_dict(layout: Layout) -> dict[str, Any]:
-    return asdict(layout)
+    d = asdict(layout)
+    if isinstance(layout, Im2colLayout) and layout.out_per_ct == layout.out_channels:
+        # the default (one output group) is left out: plans written before the field existed
+        # keep their hash
+        del d["out_per_ct"]
+    return d
 
 
 def layout_from_dict(d: dict[str, Any]) -> Layout:

@@ -281,3 +281,16 @@ def test_compact_moves_a_pooled_grid_into_dense_blocks(rng):
     assert isinstance(k, Compact) and k.out_layout == compact_layout(layout)
     assert k.out_layout.n_ct == 1 and k.out_layout.block == 64
     assert k.out_level == k.in_level - 1 and k.out_scale == k.in_scale
+
+
+def test_im2col_layout_dict_keeps_the_form_older_plans_were_hashed_with():
+    """`out_per_ct` is written only when the output is split in groups, so plans saved before the
+    field existed load with the same hash."""
+    from heinfer.layout import layout_from_dict, layout_to_dict
+
+    one = Im2colLayout((1, 8, 8), 3, (3, 3), 2, 1, SLOTS, 4, SLOTS // 4)
+    d = layout_to_dict(one)
+    assert "out_per_ct" not in d and layout_from_dict(d) == one
+    split = Im2colLayout((1, 8, 8), 6, (3, 3), 1, 1, SLOTS, 4, SLOTS // 4, 2)
+    assert layout_to_dict(split)["out_per_ct"] == 2 and layout_from_dict(
+        layout_to_dict(split)) == split
