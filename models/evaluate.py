@@ -105,12 +105,10 @@ def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
     """`precise`: keep the last layer's rescale (one more prime, larger special prime: about
     10x smaller logit error, about 1.4x the server time). `plan`: a plan already made for
     `model` (e.g. under a key budget) instead of lowering it here."""
-    if plan is not None:
-        pass
-    elif isinstance(model, ConformalNet):
+    if plan is None and isinstance(model, ConformalNet):
         plan, _ = lower_conformal(model, model.metadata.get("name", "conformal"),
                                   calib_x=xs[:64], params=params)
-    else:
+    elif plan is None:
         plan = lower(model, params, first_conv=first_conv,
                      final_rescale=True if precise else None)
     server_be = make_backend(plan.params, backend)
