@@ -127,9 +127,10 @@ class Plan:
 
         A square turns scale s into s^2 / p, and the primes are only near 2^bits (they must be
         1 mod 2n): at 24 bits and n=16384 the first square moved the scale by 1.6% and the
-        drift compounded, to 2^4.9 times the scale before the last dense layer. Each linear layer therefore encodes its weights so that its
-        output is at sqrt(S * p) before a square (the square then lands on S exactly) and at S
-        otherwise, S being the plan's scale lowered by the step's `scale_down_bits`."""
+        drift compounded, to 2^4.9 times the scale before the last dense layer. Each linear
+        layer therefore encodes its weights so that its output is at sqrt(S * p) before a
+        square (the square then lands on S exactly) and at S otherwise, S being the plan's
+        scale lowered by the step's `scale_down_bits`."""
         step = self.steps[i]
         k = float(step.attrs.get("scale_down_bits", 0))
         if step.op not in _RESCALING_LINEAR or not step.attrs.get("rescale", True):

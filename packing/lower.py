@@ -25,6 +25,7 @@ from heinfer.plan import Plan, PlanStep
 from heinfer_packing.modelfile import Model
 
 LINEAR_OPS = ("conv2d", "dense")
+MIN_SCALE_BITS = 20
 FIRST_CONV = ("im2col", "rotation")
 
 
@@ -129,13 +130,13 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
         co, ci, kh, kw = first.weight.shape
         stride, pad = first.attrs.get("stride", 1), first.attrs.get("padding", 0)
         if first_conv == "im2col":
-            probe = Im2colLayout(tuple(input_shape), co, (kh, kw), stride, pad, slots, 1,
-                                 0, 1)
-            per_ct = min(co, slots // probe.group)  # output channels per output ciphertext
+            _, h, w = input_shape
+            channel = ((h + 2 * pad - kh) // stride + 1) * ((w + 2 * pad - kw) // stride + 1)
+            per_ct = min(co, slots // channel)  # output channels per output ciphertext
             if per_ct < 1:
                 raise ModelFormatError(f"one output channel of the first convolution "
-                                       f"({probe.group} values) exceeds {slots} slots")
-            group = per_ct * probe.group
+                                       f"({channel} values) exceeds {slots} slots")
+            group = per_ct * channel
             tpc = 1 << int(math.log2(max(1, slots // group)))
             # groups spread over all slots: the rotate-and-sum then replicates the result
             layout = Im2colLayout(tuple(input_shape), co, (kh, kw), stride, pad, slots, tpc,
@@ -171,6 +172,9 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
     counts), the choice recorded in `metadata["compact"]`; False (default): never."""
     if first_conv not in FIRST_CONV:
         raise ModelFormatError(f"first_conv {first_conv!r}: choose one of {FIRST_CONV}")
+    if compact not in (None, True, False, "interleaved"):
+        raise ModelFormatError(f"compact {compact!r}: choose None (priced), True, "
+                               "'interleaved' or False")
     opts = dict(params=params, first_conv=first_conv, output_div=output_div,
                 final_rescale=final_rescale, batch=batch, scale_bits=scale_bits)
     if compact is None or compact is True or compact == "interleaved":
@@ -261,7 +265,12 @@ def _lower(model: Model, params: CKKSParams | None, first_conv: str, output_div:
             steps[-1].attrs["rescale"] = False
     max_out = (model.metadata.get("max_abs") or {}).get(model.layers[-1].name)
     out_bits = math.ceil(math.log2(max_out * 1.5 / output_div)) if max_out else None
-    scale_bits = scale_bits or int(model.metadata.get("scale_bits", 29))
+    if scale_bits is None:
+        scale_bits = int(model.metadata.get("scale_bits", 29))
+    if not MIN_SCALE_BITS <= scale_bits <= 60:
+        raise ModelFormatError(f"scale_bits {scale_bits}: choose {MIN_SCALE_BITS}..60 (CKKS "
+                               "keeps about scale_bits - 10 bits of precision; SEAL primes are "
+                               "at most 60 bits)")
     params = params or choose_params(plan_depth(steps), scale_bits, out_bits=out_bits,
                                      final_rescale=steps[-1].attrs.get("rescale", True))
     layout, first = input_layout_for(steps[0], model.input_shape, params.slots, first_conv)

@@ -189,3 +189,37 @@ def test_interleaved_channels_after_compaction_are_exact(rng, first_conv):
     compact, conv2 = compiled.kernels[3], compiled.kernels[4]
     assert compact.out_layout.block == 1 and compact.out_layout.col_stride == 3  # 3 channels
     assert conv2.out_layout.block == 1 and conv2.out_layout.replicas == 1
+
+
+def test_new_options_refuse_bad_values_clearly(rng, capsys):
+    """scale bits, compaction mode, an image too large for a model, a first layer wider than
+    the slots per output channel, a layout conversion of a non-grid: one clear error each."""
+    from heinfer.errors import LayoutError
+    from heinfer.kernels.base import BuildContext
+    from heinfer.kernels.relayout import Compact
+    from heinfer.layout import VectorLayout
+    from heinfer_models import fashion_mnist
+    from heinfer_packing import cli
+
+    model = small_cnn(rng)
+    for bits in (0, 12, 61):
+        with pytest.raises(ModelFormatError, match=f"scale_bits {bits}: choose 20..60"):
+            lower(model, scale_bits=bits)
+    assert cli.main(["fmnist-cryptonets", "--scale-bits", "0"]) == 2
+    assert "scale_bits 0" in capsys.readouterr().err
+    with pytest.raises(ModelFormatError, match="compact 'always'"):
+        lower(model, compact="always")
+    with pytest.raises(ValueError, match=r"cannot fit \(28, 28\) images into \(1, 16, 16\)"):
+        fashion_mnist.normalize(np.zeros((1, 28, 28), np.uint8), (1, 16, 16))
+    wide = Model("wide", (1, 200, 200), [
+        Layer("conv1", "conv2d", {"stride": 1, "padding": 1}, rng.normal(size=(2, 1, 3, 3)),
+              None),
+        Layer("flatten", "flatten"), Layer("fc", "dense", {}, rng.normal(size=(2, 80000)), None)])
+    with pytest.raises(ModelFormatError, match="exceeds 4096 slots"):
+        lower(wide, small_params(2, n=8192))
+    from heinfer.backends.symbolic import SymbolicBackend
+
+    params = small_params(1)
+    with pytest.raises(LayoutError, match="compact needs a grid layout"):
+        Compact(BuildContext(SymbolicBackend(params)), VectorLayout(10, params.slots),
+                params.depth, params.scale)
