@@ -8,37 +8,20 @@ fresh evaluation keys on demand, so only the small secret key is kept on disk.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
-import tenseal.sealapi as seal
 
 from heinfer import wire
-from heinfer.backends.base import galois_element
-from heinfer.backends.sealwire import check_spec_backend
-from heinfer.backends.tenseal_backend import TensealBackend
+from heinfer.backends import backend_for_spec, check_spec_supported
 from heinfer.codec import encode_encrypt_bytes
 from heinfer.plan import ModelSpec
 
 
 def check_backend(spec: ModelSpec) -> None:
-    """The SDK makes keys with TenSEAL (SEAL 4.3); SEAL loads data only from its own
-    major.minor, so a spec naming another backend/version is refused before any key is made."""
-    check_spec_backend(spec.backend, TensealBackend.name, TensealBackend.seal_version)
-
-
-def _dump(obj) -> bytes:
-    """sealapi saves to paths only."""
-    fd, path = tempfile.mkstemp(prefix="heinfer-client-")
-    os.close(fd)
-    try:
-        obj.save(path)
-        return Path(path).read_bytes()
-    finally:
-        os.unlink(path)
+    """SEAL loads data only from its own major.minor, so a spec naming a backend/version this
+    client cannot run is refused before any key is made (ParamsMismatchError)."""
+    check_spec_supported(spec)
 
 
 class LocalKeys:
@@ -48,7 +31,7 @@ class LocalKeys:
     def __init__(self, spec: ModelSpec, secret_key: bytes | None = None):
         check_backend(spec)
         self.spec = spec
-        self.backend = TensealBackend(spec.params)
+        self.backend = backend_for_spec(spec)  # the backend (and SEAL version) the spec names
         self._lock = threading.Lock()
         self._eval_wire: bytes | None = None
         if secret_key is None:
@@ -65,28 +48,15 @@ class LocalKeys:
         """The upload body for POST /v1/sessions: public material only."""
         with self._lock:
             if self._eval_wire is None:
-                fd, path = tempfile.mkstemp(prefix="heinfer-sk-")
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(self.backend.secret_key_bytes())
-                    sk = seal.SecretKey()
-                    sk.load(self.backend.context, path)
-                finally:
-                    os.unlink(path)
-                keygen = seal.KeyGenerator(self.backend.context, sk)
-                n = self.spec.params.poly_modulus_degree
-                steps = sorted({s % self.backend.slots for s in self.spec.rotation_steps} - {0})
-                relin = _dump(keygen.create_relin_keys())
-                galois = (_dump(keygen.create_galois_keys([galois_element(s, n) for s in steps]))
-                          if steps else b"")
-                self._eval_wire = wire.encode_eval_keys(relin, galois)
+                keys = self.backend.make_eval_keys(self.spec.rotation_steps)
+                self._eval_wire = wire.encode_eval_keys(keys.relin_keys, keys.galois_keys)
             return self._eval_wire
 
     def drop_eval_keys(self) -> None:
         """Free the (large) evaluation keys once uploaded."""
         with self._lock:
             self._eval_wire = None
-            self.backend.relin_keys = self.backend.galois_keys = None
+            self.backend.drop_eval_keys()
 
     def encode_encrypt(self, x: np.ndarray) -> bytes:
         """Pack x in the spec's input layout, encrypt (seeded), frame for the wire."""

@@ -14,7 +14,8 @@ key, must still be refused. The rules, applied to every section of an EVAL_KEYS 
    `malformed_keys`;
 3. structure: a SecretKey is ONE polynomial over all primes (n x k words), while relinearization
    and Galois keys hold 2 x (k-1) polynomials per key (seeded: half). Any section no larger than
-   the largest possible SecretKey is *probed*: if SEAL loads it as a SecretKey for the model's
+   the largest possible SecretKey is *probed* (by the backend, `Backend.load_eval_keys`, so this
+   server never imports a SEAL binding itself): if SEAL loads it as a SecretKey for the model's
    parameters it is refused (`secret_key_refused`), whatever its declared type. The probe is
    decisive: SEAL validates the loaded object against the parameters (data size, NTT form,
    coefficient ranges), and a SecretKey, a RelinKeys/GaloisKeys and a PublicKey never load as
@@ -43,11 +44,6 @@ def seal_header_ok(head: bytes, length: int) -> bool:
     magic, hsize, major, _minor, compr, reserved, size = SEAL_HEADER.unpack_from(head)
     return (magic == SEAL_MAGIC and hsize == SEAL_HEADER.size and major == 4 and compr <= 2
             and reserved == 0 and size == length)
-
-
-def secret_key_bound(poly_modulus_degree: int, n_primes: int) -> int:
-    """Largest serialized SecretKey for these parameters (uncompressed, plus metadata)."""
-    return poly_modulus_degree * n_primes * 8 + 4096
 
 
 # -- TenSEAL contexts (protobuf) -------------------------------------------------------------

@@ -4,15 +4,16 @@ Every TenSEAL/SEAL call holds the GIL for its whole duration, so threads would s
 stall the event loop; processes run in parallel. The API process only streams bodies, checks
 framing and talks to SQLite; everything that touches SEAL runs here, in `EvalPool`'s workers.
 
-Jobs carry file paths for keys and plans (large, on disk already) and the ciphertext body as
-bytes (a few MB at most, already read and size-checked by the API; writing it to disk first
-would add a copy and a cleanup without saving memory).
+Jobs carry file paths for keys and plans (large, on disk already). A ciphertext body travels
+as bytes when small, and as a file path when large (`PredictJob.body_path`, written by the API
+to /dev/shm when there is one, else a temporary file): big bodies skip the pool's pipe.
 
 Each worker keeps two bounded LRU caches: compiled plans by plan hash (kernels with their
 plaintexts encoded once) and session backends by session id (keys loaded from disk once). A
-session backend is a shallow copy of the plan's backend that shares its SEALContext, encoder
-and evaluator and holds the session's keys: plaintexts encoded for the plan and keys loaded for
-the session then live under the same context.
+session backend comes from `Backend.with_eval_keys`: it shares the plan's backend context, so
+plaintexts encoded for the plan and keys loaded for the session live under the same context.
+Every key operation (loading, the secret-key probe, coverage of the rotation steps) goes through
+the backend: this module never imports a SEAL binding.
 
 Limits: the pool admits `workers + max_queue` jobs; one more answers 503 with Retry-After. A job
 over its time limit answers 504; a job still queued is cancelled, a running one cannot be
@@ -23,7 +24,6 @@ the pool: it is rebuilt and the request answers 503 (the SDK retries).
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import math
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from heinfer_server.errors import ApiError
-from heinfer_server.keycheck import seal_header_ok, secret_key_bound, tenseal_context_secret
+from heinfer_server.keycheck import seal_header_ok, tenseal_context_secret
 
 log = logging.getLogger("heinfer.server")
 
@@ -94,32 +94,29 @@ def _compiled(plan_path: str, plan_hash: str):
     return compiled
 
 
-def _load_seal(cls, context, path: Path):
-    obj = cls()
-    obj.load(context, str(path))
-    return obj
+def _stored_keys(d: Path, steps: list[int]):
+    from heinfer.backends.base import EvalKeyBytes
+
+    galois = d / KEY_FILES["GALOIS_KEYS"]
+    return EvalKeyBytes((d / KEY_FILES["RELIN_KEYS"]).read_bytes(),
+                        galois.read_bytes() if galois.exists() else b"", list(steps))
 
 
 def _session_backend(session_id: str, key_dir: str, compiled):
-    import tenseal.sealapi as seal
+    from heinfer.errors import HeinferError
 
     cache_key = f"{session_id}:{compiled.spec.plan_hash}"
     hit = _SESSIONS.get(cache_key)
     if hit is not None:
         _SESSIONS.move_to_end(cache_key)
         return hit
-    be = copy.copy(compiled.backend)
     d = Path(key_dir)
     if not (d / KEY_FILES["RELIN_KEYS"]).exists():  # deleted or expired since the API checked
         raise ApiError("unknown_session", f"session {session_id} was closed meanwhile")
     try:
-        be.relin_keys = _load_seal(seal.RelinKeys, be.context, d / KEY_FILES["RELIN_KEYS"])
-        galois = d / KEY_FILES["GALOIS_KEYS"]
-        be.galois_keys = (_load_seal(seal.GaloisKeys, be.context, galois)
-                          if galois.exists() else None)
-    except (RuntimeError, ValueError, OSError) as e:
+        be = compiled.backend.with_eval_keys(_stored_keys(d, compiled.spec.rotation_steps))
+    except (HeinferError, OSError) as e:
         raise ApiError("internal", f"stored keys of session {session_id} do not load: {e}") from e
-    be.rotation_steps = {s % be.slots for s in compiled.spec.rotation_steps}
     _lru_put(_SESSIONS, cache_key, be, _LIMITS["sessions"])
     return be
 
@@ -176,21 +173,22 @@ def _copy_range(src, dst_path: Path, offset: int, length: int) -> None:
 
 
 def validate_keys(job: KeyJob) -> dict[str, int]:
-    """Split an EVAL_KEYS upload into one file per SEAL object and check each (see keycheck).
-    Returns bytes per section. On success the keys stay loaded in this worker's cache."""
-    import tenseal.sealapi as seal
-
-    from heinfer.backends.base import galois_element
+    """Split an EVAL_KEYS upload into one file per SEAL object and check each: framing and
+    SEAL version here (see keycheck), secret-key probe, loading and key coverage in the backend
+    (`Backend.with_eval_keys`). Returns bytes per section. On success the keys stay loaded in
+    this worker's cache."""
+    from heinfer.errors import (
+        MissingKeyError,
+        ParamsMismatchError,
+        SecretKeyError,
+        SerializationError,
+    )
 
     compiled = _compiled(job.plan_path, job.plan_hash)
     be = compiled.backend
     params = compiled.plan.params
     dest = Path(job.dest_dir)
     dest.mkdir(parents=True, exist_ok=False)
-    sk_bound = secret_key_bound(params.poly_modulus_degree, len(params.coeff_mod_bits))
-    types = {"RELIN_KEYS": seal.RelinKeys, "GALOIS_KEYS": seal.GaloisKeys,
-             "PUBLIC_KEY": seal.PublicKey}
-    loaded: dict[str, Any] = {}
     sizes: dict[str, int] = {}
     with open(job.upload_path, "rb") as f:
         for name, offset, length in job.sections:
@@ -211,39 +209,23 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
                                f"the {name} section was written by SEAL {head[3]}.{head[4]}; "
                                f"this server runs {be.wire_format} (the spec's `backend`): "
                                "make the keys with that backend")
-            path = dest / KEY_FILES[name]
-            _copy_range(f, path, offset, length)
-            if length <= sk_bound:
-                try:
-                    _load_seal(seal.SecretKey, be.context, path)
-                except (RuntimeError, ValueError):
-                    pass
-                else:
-                    raise ApiError("secret_key_refused",
-                                   f"the {name} section holds a SEAL secret key; only public "
-                                   "evaluation keys may leave the client")
-            try:
-                loaded[name] = _load_seal(types[name], be.context, path)
-            except (RuntimeError, ValueError) as e:
-                raise ApiError("params_mismatch",
-                               f"the {name} section does not load as {name.lower()} under "
-                               f"the model's parameters ({params.describe()}): made for other "
-                               f"parameters, or corrupted ({e})") from e
+            _copy_range(f, dest / KEY_FILES[name], offset, length)
             sizes[name] = length
-    relin = loaded.get("RELIN_KEYS")
-    if relin is None or not relin.has_key(2):
-        raise ApiError("missing_keys", "the RELIN_KEYS section holds no relinearization key")
+    if "RELIN_KEYS" not in sizes:
+        raise ApiError("missing_keys", "the upload holds no RELIN_KEYS section")
     steps = compiled.spec.rotation_steps
-    galois = loaded.get("GALOIS_KEYS")
-    n = params.poly_modulus_degree
-    missing = [s for s in steps if galois is None or not galois.has_key(galois_element(s, n))]
-    if missing:
-        raise ApiError("missing_keys",
-                       f"no Galois key for rotation step(s) {missing}; the model's spec lists "
-                       f"the steps to make keys for: {steps}")
-    session_be = copy.copy(be)
-    session_be.relin_keys, session_be.galois_keys = relin, galois
-    session_be.rotation_steps = {s % be.slots for s in steps}
+    public = dest / KEY_FILES["PUBLIC_KEY"]
+    try:
+        session_be = be.with_eval_keys(_stored_keys(dest, steps),
+                                       public.read_bytes() if public.exists() else None)
+    except SecretKeyError as e:
+        raise ApiError("secret_key_refused", str(e)) from e
+    except (ParamsMismatchError, SerializationError) as e:
+        raise ApiError("params_mismatch", f"{e} (the model's parameters: "
+                       f"{params.describe()})") from e
+    except MissingKeyError as e:
+        raise ApiError("missing_keys", f"{e}; the model's spec lists the steps to make keys "
+                       f"for: {steps}") from e
     _lru_put(_SESSIONS, f"{job.session_id}:{job.plan_hash}", session_be, _LIMITS["sessions"])
     return sizes
 
@@ -286,11 +268,11 @@ def predict(job: PredictJob) -> tuple[bytes, float]:
                            f"ciphertext {i} does not load under the model's parameters "
                            f"({params.describe()}, {be.wire_format}): {e}") from e
         if ct.size() != 2 or be.level(ct) != params.top_level or not math.isclose(
-                ct.scale, params.scale, rel_tol=1e-9):
+                be.scale_of(ct), params.scale, rel_tol=1e-9):
             raise ApiError("malformed_ciphertext",
                            f"ciphertext {i} must be fresh: size 2 at level {params.top_level} "
                            f"and scale 2^{params.scale_bits} (got size {ct.size()}, level "
-                           f"{be.level(ct)}, scale 2^{math.log2(ct.scale):.2f})")
+                           f"{be.level(ct)}, scale 2^{math.log2(be.scale_of(ct)):.2f})")
         cts.append(ct)
     out = compiled.run(cts, backend=be)
     body = wire.encode_ciphertexts([be.ciphertext_to_bytes(c) for c in out])

@@ -240,15 +240,37 @@ def test_shipped_model_over_http(tmp_path):
             assert p.server_ms < 1e3 * p.seconds
 
 
-def test_spec_for_another_backend_is_refused_before_keygen(tmp_path):
+def _model_info(tmp_path, backend: str) -> dict:
     from tests.test_server_support import tiny_plan as make_plan
 
     spec = Plan.load(make_plan(tmp_path)).spec()
     doc = json.loads(spec.model_dump_json())
-    doc["backend"] = "pyfhel/seal-4.1"
-    info = {"name": "tiny", "plan_hash": spec.plan_hash, "spec": doc, "limits": {}}
+    doc["backend"] = backend
+    return {"name": "tiny", "plan_hash": spec.plan_hash, "spec": doc, "limits": {}}
+
+
+def test_spec_for_another_backend_is_refused_before_keygen(tmp_path):
+    info = _model_info(tmp_path, "tenseal/seal-4.2")  # no backend here writes SEAL 4.2
     c = Client("http://x", "k", transport=_mock([httpx.Response(200, json=info)], []),
                keystore=tmp_path / "ks", allow_insecure=True)
-    with pytest.raises(errors.IncompatibleSpecError, match="SEAL 4.1"):
+    with pytest.raises(errors.IncompatibleSpecError, match="SEAL 4.2"):
         c.model("tiny")
     assert not (tmp_path / "ks").exists()
+
+
+def test_sdk_picks_its_backend_from_the_spec(tmp_path):
+    """A model served by Pyfhel (SEAL 4.1) gets Pyfhel keys on the client, or a clear refusal
+    naming Pyfhel when it is not installed: never TenSEAL keys SEAL 4.1 cannot load."""
+    from heinfer.backends import backend_available
+
+    info = _model_info(tmp_path, "pyfhel/seal-4.1")
+    c = Client("http://x", "k", transport=_mock([httpx.Response(200, json=info)], []),
+               keystore=tmp_path / "ks", allow_insecure=True)
+    if not backend_available("pyfhel"):
+        with pytest.raises(errors.IncompatibleSpecError, match="Pyfhel"):
+            c.model("tiny")
+        return
+    model = c.model("tiny")
+    keys = LocalKeys(model.spec)
+    assert keys.backend.name == "pyfhel" and keys.backend.wire_format == "pyfhel/seal-4.1"
+    assert wire.parse_header(keys.eval_keys_wire())

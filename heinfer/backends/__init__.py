@@ -48,15 +48,37 @@ def make_backend(params: CKKSParams, name: str = DEFAULT_BACKEND) -> Backend:
     raise ValueError(f"unknown backend {name!r}; available: {BACKENDS}")
 
 
+def backend_name_for_spec(spec) -> str:
+    """The backend a spec's `backend` tag names (untagged or unknown: the default)."""
+    parsed = parse_wire_format(spec.backend)
+    return parsed[0] if parsed and parsed[0] in BACKENDS else DEFAULT_BACKEND
+
+
+def check_spec_supported(spec) -> None:
+    """Raise ParamsMismatchError when no installed backend can talk to the server that
+    published `spec` (other SEAL major.minor, or Pyfhel not installed), before any key is
+    made. Cheap for TenSEAL (no SEAL context is built)."""
+    from heinfer.errors import ParamsMismatchError
+
+    name = backend_name_for_spec(spec)
+    if name == "tenseal":
+        from heinfer.backends.tenseal_backend import TensealBackend
+
+        check_spec_backend(spec.backend, TensealBackend.name, TensealBackend.seal_version)
+        return
+    if not backend_available(name):
+        raise ParamsMismatchError(f"the model is served by {spec.backend}: {PYFHEL_MISSING}")
+    backend_for_spec(spec)  # Pyfhel learns its SEAL version from a context
+
+
 def backend_for_spec(spec) -> Backend:
     """Client side: a backend that can talk to the server that published `spec` (the spec's
     `backend` names backend and SEAL version, e.g. 'pyfhel/seal-4.1')."""
-    parsed = parse_wire_format(spec.backend)
-    name = parsed[0] if parsed and parsed[0] in BACKENDS else DEFAULT_BACKEND
-    be = make_backend(spec.params, name)
+    be = make_backend(spec.params, backend_name_for_spec(spec))
     check_spec_backend(spec.backend, be.name, be.seal_version)
     return be
 
 
 __all__ = ["Backend", "EvalKeyBytes", "galois_element", "make_backend", "BACKENDS",
-           "DEFAULT_BACKEND", "available_backends", "backend_available", "backend_for_spec"]
+           "DEFAULT_BACKEND", "available_backends", "backend_available", "backend_for_spec",
+           "backend_name_for_spec", "check_spec_supported"]

@@ -4,11 +4,15 @@ Kernels never import a backend; they receive an object with this shape. Cipherte
 plaintexts are the backend's native objects (opaque to kernels). Levels count down: a fresh
 ciphertext is at `params.top_level`, the last usable level is 0.
 
-Key kinds are separate types; the secret key never leaves `ClientKeys` unless asked for by name.
+Keys go through the backend too: the client makes them (`generate_keys`, `make_eval_keys`), the
+server loads and validates them (`load_eval_keys`, `with_eval_keys`); server/ and client/ never
+import a SEAL binding. The secret key never leaves its backend unless asked for by name
+(`secret_key_bytes`, for the client's key store).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,6 +90,12 @@ def check_rescale(params: CKKSParams, level: int, scale: float, prime: int) -> N
         )
 
 
+def secret_key_bound(params: CKKSParams) -> int:
+    """Largest serialized SecretKey for these parameters (one polynomial over all primes,
+    uncompressed, plus metadata): only sections this small are probed as secret keys."""
+    return params.poly_modulus_degree * len(params.coeff_mod_bits) * 8 + 4096
+
+
 @dataclass
 class EvalKeyBytes:
     """What a client sends so a server can evaluate: serialized (seeded) public material only."""
@@ -104,6 +114,36 @@ class Backend(Protocol):
 
     @property
     def slots(self) -> int: ...
+
+    # -- keys: every key operation goes through here (server/ and client/ never touch SEAL) --
+    def generate_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
+        """Client: a new secret key, and evaluation keys for exactly these steps (loaded too)."""
+        ...
+
+    def make_eval_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
+        """Client: evaluation keys from the secret key already held (e.g. from a key store)."""
+        ...
+
+    def secret_key_bytes(self) -> bytes: ...
+
+    def load_secret_key(self, data: bytes) -> None: ...
+
+    def load_eval_keys(self, keys: EvalKeyBytes, public_key: bytes | None = None) -> None:
+        """Server: load and validate uploaded keys. Raises SecretKeyError when a section is a
+        secret key, ParamsMismatchError when one does not load under `params` (or another SEAL
+        version wrote it), MissingKeyError when the power-2 relinearization key or a Galois key
+        for one of `keys.rotation_steps` is absent."""
+        ...
+
+    def with_eval_keys(self, keys: EvalKeyBytes,
+                       public_key: bytes | None = None) -> Backend:
+        """Server: a backend sharing this one's context and encoded plaintexts that holds
+        `keys` (validated as by `load_eval_keys`): one per session."""
+        ...
+
+    def drop_eval_keys(self) -> None:
+        """Free the (large) evaluation keys."""
+        ...
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, values: np.ndarray, level: int, scale: float) -> Plaintext: ...

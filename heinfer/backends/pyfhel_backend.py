@@ -38,6 +38,7 @@ from heinfer.backends.base import (
     check_rescale,
     check_room,
     check_same_level_and_scale,
+    secret_key_bound,
 )
 from heinfer.backends.sealwire import check_seal_bytes, read_seal_header, wire_format
 from heinfer.errors import (
@@ -97,6 +98,7 @@ class PyfhelBackend:
         self._has_galois = False
         self._has_sk = False
         self._has_pk = False
+        self._scratch: Pyfhel | None = None
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -120,24 +122,67 @@ class PyfhelBackend:
     def generate_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
         """Client side: make a secret key and the evaluation keys for exactly these steps."""
         self.he.keyGen()
+        self._has_sk = self._has_pk = True
+        # the client can evaluate too (tests, local runs): its keys are already loaded
+        return self.make_eval_keys(rotation_steps)
+
+    def make_eval_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
+        """Client side: fresh evaluation keys from the secret key this backend holds."""
+        if not self._has_sk:
+            raise SecretKeyError("making evaluation keys needs the client's secret key")
         self.he.relinKeyGen()
         steps = sorted({s % self.slots for s in rotation_steps} - {0})
-        self._has_sk = self._has_pk = self._has_relin = True
         galois = b""
         if steps:  # an empty list would make Pyfhel generate every power-of-two key
             self.he.rotateKeyGen(steps)
             galois = self.he.to_bytes_rotate_key(COMPR)
-        self._has_galois = bool(steps)
+        self._has_relin, self._has_galois = True, bool(steps)
         self.rotation_steps = set(steps)
-        relin = self.he.to_bytes_relin_key(COMPR)
-        # the client can evaluate too (tests, local runs): its keys are already loaded
-        return EvalKeyBytes(relin_keys=relin, galois_keys=galois, rotation_steps=steps)
+        return EvalKeyBytes(relin_keys=self.he.to_bytes_relin_key(COMPR), galois_keys=galois,
+                            rotation_steps=steps)
 
-    def load_eval_keys(self, keys: EvalKeyBytes) -> None:
-        """Server side: load relinearization and Galois keys (bytes from a client)."""
-        check_seal_bytes(keys.relin_keys, self.seal_version, self.name, "relinearization keys")
+    def _probe(self) -> Pyfhel:
+        """A scratch Pyfhel under the same parameters: loading an upload there to test whether
+        it is a secret key leaves this backend's own keys untouched."""
+        if self._scratch is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                he = Pyfhel()
+                he.contextGen(scheme="CKKS", n=self.params.poly_modulus_degree,
+                              scale=self.params.scale, qi_sizes=list(self.params.coeff_mod_bits),
+                              sec=0 if self.params.insecure else 128)
+            self._scratch = he
+        return self._scratch
+
+    def _check_section(self, data: bytes, what: str) -> None:
+        check_seal_bytes(data, self.seal_version, self.name, what)
+        if len(data) <= secret_key_bound(self.params):
+            try:
+                self._probe().from_bytes_secret_key(bytes(data))
+            except _SEAL_ERRORS:
+                pass
+            else:
+                raise SecretKeyError(f"the {what} hold a SEAL secret key; only public "
+                                     "evaluation keys may leave the client")
+
+    def load_eval_keys(self, keys: EvalKeyBytes, public_key: bytes | None = None) -> None:
+        """Server side: load and check relinearization and Galois keys (bytes from a client),
+        and the public key when sent (checked on a scratch object only). Errors as for
+        `TensealBackend.load_eval_keys`, except that Pyfhel cannot list the Galois elements a
+        key set holds: a missing rotation key shows when the rotation runs."""
+        self._check_section(keys.relin_keys, "relinearization keys")
         if keys.galois_keys:
-            check_seal_bytes(keys.galois_keys, self.seal_version, self.name, "Galois keys")
+            self._check_section(keys.galois_keys, "Galois keys")
+        if public_key:
+            self._check_section(public_key, "public key")
+            try:
+                self._probe().from_bytes_public_key(bytes(public_key))
+            except _SEAL_ERRORS as e:
+                raise ParamsMismatchError(
+                    f"the public key does not load under {self.params.describe()}: {e}") from e
+        steps = {s % self.slots for s in keys.rotation_steps} - {0}
+        if steps and not keys.galois_keys:
+            raise MissingKeyError(f"no Galois key for rotation step(s) {sorted(steps)}")
         # Pyfhel drops the keys it holds before loading new ones: a failed load leaves none
         self._has_relin = self._has_galois = False
         self.rotation_steps = set()
@@ -151,7 +196,19 @@ class PyfhelBackend:
             raise ParamsMismatchError(
                 f"evaluation keys do not load under {self.params.describe()}: {e}"
             ) from e
-        self.rotation_steps = {s % self.slots for s in keys.rotation_steps} - {0}
+        self.rotation_steps = steps
+
+    def with_eval_keys(self, keys: EvalKeyBytes,
+                       public_key: bytes | None = None) -> PyfhelBackend:
+        """Pyfhel keeps keys inside its one Pyfhel object (which also owns the context the
+        plaintexts were encoded under), so this loads `keys` into this backend itself: one
+        pyfhel backend serves one key set at a time."""
+        self.load_eval_keys(keys, public_key)
+        return self
+
+    def drop_eval_keys(self) -> None:
+        self._has_relin = self._has_galois = False
+        self.rotation_steps = set()
 
     def secret_key_bytes(self) -> bytes:
         """The secret key (framed with the public key Pyfhel needs to encrypt), only when

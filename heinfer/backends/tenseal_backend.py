@@ -8,6 +8,7 @@ stores the seed of the uniformly random half instead of the half itself (about h
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from heinfer.backends.base import (
     check_room,
     check_same_level_and_scale,
     galois_element,
+    secret_key_bound,
 )
 from heinfer.backends.sealwire import check_seal_bytes, wire_format
 from heinfer.errors import (
@@ -125,32 +127,77 @@ class TensealBackend:
         self._secret_key = keygen.secret_key()
         self._encryptor = seal.Encryptor(self.context, self._secret_key)
         self._decryptor = seal.Decryptor(self.context, self._secret_key)
+        keys = self.make_eval_keys(rotation_steps)
+        self.load_eval_keys(keys)  # the client can evaluate too (tests, local runs)
+        return keys
+
+    def make_eval_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
+        """Client side: fresh evaluation keys from the secret key this backend holds (a key
+        store keeps only the small secret key)."""
+        if self._secret_key is None:
+            raise SecretKeyError("making evaluation keys needs the client's secret key")
+        keygen = seal.KeyGenerator(self.context, self._secret_key)
         steps = sorted({s % self.slots for s in rotation_steps} - {0})
         relin = self._files.dump(keygen.create_relin_keys())
         elements = [galois_element(s, self.params.poly_modulus_degree) for s in steps]
         galois = self._files.dump(keygen.create_galois_keys(elements)) if steps else b""
-        keys = EvalKeyBytes(relin_keys=relin, galois_keys=galois, rotation_steps=steps)
-        self.load_eval_keys(keys)  # the client can evaluate too (tests, local runs)
-        return keys
+        return EvalKeyBytes(relin_keys=relin, galois_keys=galois, rotation_steps=steps)
 
-    def load_eval_keys(self, keys: EvalKeyBytes) -> None:
-        """Server side: load relinearization and Galois keys (seeded bytes from a client)."""
-        # foreign SEAL versions are refused before SEAL parses anything (docs/BACKENDS.md)
-        check_seal_bytes(keys.relin_keys, self.seal_version, self.name, "relinearization keys")
-        if keys.galois_keys:
-            check_seal_bytes(keys.galois_keys, self.seal_version, self.name, "Galois keys")
+    def _load_section(self, cls, data: bytes, what: str):
+        """One uploaded key section: refused if it is a secret key (a SecretKey never loads as
+        another key type, see server/keycheck.py), else loaded as `cls` under the params."""
+        check_seal_bytes(data, self.seal_version, self.name, what)
+        if len(data) <= secret_key_bound(self.params):
+            try:
+                self._files.load_into(seal.SecretKey(), self.context, data)
+            except (RuntimeError, ValueError):
+                pass
+            else:
+                raise SecretKeyError(f"the {what} hold a SEAL secret key; only public "
+                                     "evaluation keys may leave the client")
         try:
-            self.relin_keys = self._files.load_into(seal.RelinKeys(), self.context,
-                                                    keys.relin_keys)
-            self.galois_keys = None
-            if keys.galois_keys:
-                self.galois_keys = self._files.load_into(seal.GaloisKeys(), self.context,
-                                                         keys.galois_keys)
+            return self._files.load_into(cls(), self.context, data)
         except (RuntimeError, ValueError) as e:
             raise ParamsMismatchError(
-                f"evaluation keys do not load under {self.params.describe()}: {e}"
-            ) from e
-        self.rotation_steps = {s % self.slots for s in keys.rotation_steps}
+                f"the {what} do not load under {self.params.describe()}: made for other "
+                f"parameters, or corrupted ({e})") from e
+
+    def load_eval_keys(self, keys: EvalKeyBytes, public_key: bytes | None = None) -> None:
+        """Server side: load and check relinearization and Galois keys (seeded bytes from a
+        client) and, when sent, the public key (checked only: evaluation never uses it).
+        Raises SecretKeyError (a section is a secret key), ParamsMismatchError (a section does
+        not load under the params, or another SEAL version wrote it) and MissingKeyError (no key
+        for power 2 or for one of `keys.rotation_steps`); nothing is kept on failure."""
+        # foreign SEAL versions are refused before SEAL parses anything (docs/BACKENDS.md)
+        relin = self._load_section(seal.RelinKeys, keys.relin_keys, "relinearization keys")
+        galois = (self._load_section(seal.GaloisKeys, keys.galois_keys, "Galois keys")
+                  if keys.galois_keys else None)
+        if public_key:
+            self._load_section(seal.PublicKey, public_key, "public key")
+        if not relin.has_key(2):
+            raise MissingKeyError("the relinearization keys hold no key for power 2")
+        steps = sorted({s % self.slots for s in keys.rotation_steps} - {0})
+        n = self.params.poly_modulus_degree
+        missing = [s for s in steps if galois is None or not galois.has_key(galois_element(s, n))]
+        if missing:
+            raise MissingKeyError(f"no Galois key for rotation step(s) {missing}")
+        self.relin_keys, self.galois_keys = relin, galois
+        self.rotation_steps = set(steps)
+
+    def with_eval_keys(self, keys: EvalKeyBytes,
+                       public_key: bytes | None = None) -> TensealBackend:
+        """A backend sharing this one's SEAL context (so plaintexts encoded here work with it)
+        that holds `keys` (checked as in `load_eval_keys`) and no secret key: one per session
+        on a server. Not thread-safe together with this one (shared temporary files)."""
+        out = copy.copy(self)
+        out.relin_keys = out.galois_keys = None
+        out._secret_key = out._encryptor = out._decryptor = None
+        out.load_eval_keys(keys, public_key)
+        return out
+
+    def drop_eval_keys(self) -> None:
+        self.relin_keys = self.galois_keys = None
+        self.rotation_steps = set()
 
     def secret_key_bytes(self) -> bytes:
         """The secret key, only when asked for by name (the client stores it locally)."""
