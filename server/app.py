@@ -1,7 +1,8 @@
 """The FastAPI application: `create_app(settings)`.
 
-Start-up (lifespan): open the store and recover from a crash (uploads in progress dropped,
-orphan files removed), load API keys, start the worker pool in the background (liveness
+Start-up (lifespan): refuse a lost database next to plan or key files unless told what to do,
+open the store and recover from a crash (uploads in progress dropped, files without a row moved
+to the quarantine: recovery.py), load API keys, start the worker pool in the background (liveness
 answers at once, readiness once workers run and preloaded plans are in), and a sweeper that
 expires idle sessions. Shutdown stops the pool.
 """
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 from heinfer import __version__
-from heinfer_server import errors
+from heinfer_server import errors, recovery
 from heinfer_server import store as st
 from heinfer_server.api.main import api_router
 from heinfer_server.bodies import DRAIN_CAP
@@ -148,8 +149,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        lost = recovery.preflight(settings.data_dir, settings.orphans)
+        report = recovery.Recovery(lost_database=lost)
+        if lost is not None:
+            recovery.set_aside_database(settings.data_dir.resolve(), report)
         store = st.Store(settings.data_dir)
-        recovered = st.recover(store)
+        recovery.recover(store, report, adopt=lost is not None and settings.orphans == "adopt",
+                         allow_insecure=settings.allow_insecure_params)
+        for kind, n in report.quarantined.items():
+            metrics.quarantined.labels(kind).inc(n)
         pool = EvalPool(workers=settings.workers, max_queue=settings.max_queue,
                         start_method=settings.mp_start_method,
                         cache_models=settings.worker_cache_models,
@@ -158,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.sweep()
         metrics.models.set(len(st.list_models(store)))
         app.state.heinfer = state
-        log.info("starting", extra={"data_dir": str(store.data_dir), "recovered": recovered,
+        log.info("starting", extra={"data_dir": str(store.data_dir), "recovered": report.summary(),
                                     "models": [m.name for m in st.list_models(store)],
                                     "workers": settings.workers})
         tasks = [asyncio.create_task(_background_start(state)),

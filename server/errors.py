@@ -78,6 +78,9 @@ PROBLEMS: dict[str, Problem] = {
     "worker_crashed": Problem(503, "Worker crashed"),
     "not_ready": Problem(503, "Not ready"),
     "timeout": Problem(504, "Evaluation timed out"),
+    # server-side data loss: the operator must restore or re-add (never a client error)
+    "plan_files_missing": Problem(500, "Model files missing on the server"),
+    "session_keys_missing": Problem(500, "Session keys missing on the server"),
     "internal": Problem(500, "Internal error"),
 }
 

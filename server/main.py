@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-insecure-params", dest="allow_insecure_params",
                     action="store_true", default=None,
                     help="accept plans with insecure test parameters (tests only)")
+    lost = ap.add_mutually_exclusive_group()
+    lost.add_argument("--adopt-orphans", dest="orphans", action="store_const", const="adopt",
+                      default=None, help="database lost but plan/key files remain: rebuild "
+                                         "models and sessions from the files")
+    lost.add_argument("--discard-orphans", dest="orphans", action="store_const",
+                      const="discard", default=None,
+                      help="database lost but plan/key files remain: move them to quarantine/ "
+                           "and start empty")
     return ap
 
 
@@ -46,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from heinfer_server import logs
         from heinfer_server.app import create_app
+        from heinfer_server.recovery import DataDirError, preflight
         from heinfer_server.settings import Settings
     except ImportError as e:  # the client can be installed without the server extra
         print(f"heinfer serve needs the server extra: pip install 'heinfer[server]' ({e})",
@@ -55,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except (ValidationError, ValueError, OSError) as e:
         print(f"heinfer serve: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        preflight(settings.data_dir, settings.orphans)
+    except DataDirError as e:
+        print(f"heinfer serve: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_json)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

@@ -44,6 +44,9 @@ class Metrics:
         self.sessions = Gauge("heinfer_sessions_active", "sessions with keys on disk",
                               registry=r)
         self.models = Gauge("heinfer_models", "models served", registry=r)
+        self.quarantined = Counter("heinfer_quarantined_total",
+                                   "files or directories without a row moved to quarantine/ "
+                                   "at start", ["kind"], registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     preload_plans: str = Field(default="",
                                description="plan files (NAME.plan.json) to add at startup, "
                                            "comma separated")
+    orphans: Literal["refuse", "adopt", "discard"] = Field(
+        default="refuse",
+        description="when the database is missing, empty or unreadable but plan or key files "
+                    "remain: refuse to start, adopt them (rebuild rows) or discard them (move "
+                    "them to quarantine/)")
     mp_start_method: Literal["spawn", "forkserver"] = "spawn"
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None

@@ -12,6 +12,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from heinfer import wire
 from heinfer_server import store as st
@@ -83,6 +84,32 @@ class ServerState:
             raise ApiError("session_expired", f"session {session_id} was idle for more than "
                            f"{self.settings.session_idle_ttl_s:g} s; create a new one")
         return row
+
+    def plan_files(self, model: st.ModelRow) -> Path:
+        """The model's plan file, or a 500 if the server lost it (the path is logged, never
+        shown: it is the server's business, and the client cannot fix it)."""
+        path = self.store.path(model.plan_path)
+        if not (path.is_file() and path.with_name(path.name[:-5] + ".npz").is_file()):
+            log.error("plan files missing", extra={"model": model.name, "path": str(path)})
+            raise ApiError("plan_files_missing", f"the plan files of model {model.name!r} are "
+                           "missing on the server; an operator must restore them or re-add the "
+                           "model")
+        return path
+
+    def session_keys(self, row: st.SessionRow) -> Path:
+        """The session's key directory, or why not: deleted meanwhile (404/410) or lost by the
+        server (500)."""
+        key_dir = self.store.path(row.key_dir)
+        if (key_dir / "relin.seal").is_file():
+            return key_dir
+        now = st.get_session(self.store, session_id=row.id)
+        if now is None:
+            raise ApiError("unknown_session", f"session {row.id} was deleted meanwhile")
+        if now.state != "active":
+            raise ApiError("session_expired", f"session {row.id} expired meanwhile")
+        log.error("session keys missing", extra={"session": row.id, "path": str(key_dir)})
+        raise ApiError("session_keys_missing", f"the keys of session {row.id} are missing on "
+                       "the server; create a new session")
 
     def expire(self, row: st.SessionRow) -> None:
         if st.expire_session(self.store, session_id=row.id) is not None:

@@ -5,12 +5,15 @@
       models/NAME/HASH.plan.json     plan files copied at `models add` (+ .plan.npz)
       sessions/SID/relin.seal        one validated SEAL object per file (+ galois.seal,
                                      public.seal): workers load them by path
+      sessions/SID/session.json      the session's row fields, for adoption (recovery.py)
       tmp/                           uploads in progress; emptied at every start
+      quarantine/TIME/...            files found without a row at a start (recovery.py)
 
 Durability (kill -9 included): a file is complete in its final place *before* the row that
 points to it commits, and a row is removed before its files; WAL with synchronous=NORMAL
 survives a killed process (committed transactions are in the WAL in the OS cache). At start,
-files without a row are deleted. API keys are stored as SHA-256 hashes only.
+files without a row are moved to the quarantine, never deleted (recovery.py). API keys are
+stored as SHA-256 hashes only.
 
 Functions are keyword-only (`get_session(store, session_id=...)`), one short transaction each.
 """
@@ -243,6 +246,17 @@ def create_session(store: Store, *, session_id: str, owner: str, model: str, pla
     return row
 
 
+def adopt_session(store: Store, *, session_id: str, owner: str, model: str, plan_hash: str,
+                  key_dir: str, key_bytes: int, created_at: float) -> None:
+    """Recreate the row of a session found on disk after a lost database (no quota check:
+    the keys were accepted before)."""
+    now = time.time()
+    with store.tx() as c:
+        c.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'active', "
+                  "NULL)", (session_id, owner, model, plan_hash, key_dir, key_bytes,
+                            created_at, now))
+
+
 def get_session(store: Store, *, session_id: str) -> SessionRow | None:
     with store.tx() as c:
         r = c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
@@ -301,25 +315,3 @@ def count_active_sessions(store: Store) -> int:
 # -- files ------------------------------------------------------------------------------------
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def recover(store: Store) -> dict[str, int]:
-    """At start: drop uploads that a crash interrupted and files that no row points to."""
-    removed = {"tmp": 0, "session_dirs": 0, "plan_files": 0}
-    for p in store.tmp.iterdir():
-        remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        removed["tmp"] += 1
-    with store.tx() as c:
-        live_dirs = {r[0] for r in c.execute("SELECT key_dir FROM sessions WHERE state='active'")}
-        live_plans = {r[0] for r in c.execute("SELECT plan_path FROM models")}
-    for d in (store.data_dir / "sessions").iterdir():
-        if str(d.relative_to(store.data_dir)) not in live_dirs:
-            remove_tree(d)
-            removed["session_dirs"] += 1
-    for f in (store.data_dir / "models").glob("*/*.plan.json"):
-        rel = str(f.relative_to(store.data_dir))
-        if rel not in live_plans:
-            f.unlink(missing_ok=True)
-            Path(str(f).removesuffix(".json") + ".npz").unlink(missing_ok=True)
-            removed["plan_files"] += 1
-    return removed

@@ -86,9 +86,15 @@ def _compiled(plan_path: str, plan_hash: str):
     if hit is not None:
         _PLANS.move_to_end(plan_hash)
         return hit
-    plan = Plan.load(plan_path)
+    try:
+        plan = Plan.load(plan_path)
+    except Exception as e:  # the server's own file: never a client error, never its path
+        log.error("stored plan unreadable", extra={"path": plan_path, "error": repr(e)})
+        raise ApiError("plan_files_missing", "the model's plan files are missing or unreadable "
+                       "on the server; an operator must restore them or re-add the model") from None
     if plan.hash() != plan_hash:
-        raise ApiError("internal", f"plan file {plan_path} does not match hash {plan_hash}")
+        raise ApiError("plan_files_missing", f"the model's plan file does not match its hash "
+                       f"{plan_hash}; an operator must restore it or re-add the model")
     compiled = CompiledPlan(plan, make_backend(plan.params))
     _lru_put(_PLANS, plan_hash, compiled, _LIMITS["models"])
     return compiled

@@ -44,7 +44,7 @@ router = APIRouter(prefix="/models", tags=["predict"])
                               "limits.input_ciphertexts items, in the spec's input layout"),
     responses={200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
                      "description": "output ciphertexts, heinfer wire CIPHERTEXTS"},
-               **problems(400, 401, 404, 409, 410, 413, 415, 503, 504)},
+               **problems(400, 401, 404, 409, 410, 413, 415, 500, 503, 504)},
 )
 async def predict(
     name: str, request: Request, state: StateDep, principal: ApiKeyDep,
@@ -65,6 +65,8 @@ async def predict(
         raise ApiError("plan_mismatch", f"session {session_id} has keys for plan "
                        f"{session.plan_hash}; model {name} now serves plan {model.plan_hash}: "
                        "fetch the spec and create a new session")
+    plan_path = state.plan_files(model)
+    key_dir = state.session_keys(session)
     require_binary(request)
     item_limit = state.ciphertext_limit(model)
     body = await read_limited(request, state.predict_body_limit(model), "predict body")
@@ -72,9 +74,8 @@ async def predict(
     wire.parse_header(body, expected_kind=wire.Kind.CIPHERTEXTS, expected_count=model.n_inputs,
                       max_item_bytes=item_limit)
     body_path = spill_body(body)
-    job = workers.PredictJob(model.name, str(state.store.path(model.plan_path)),
-                             model.plan_hash, session.id,
-                             str(state.store.path(session.key_dir)),
+    job = workers.PredictJob(model.name, str(plan_path), model.plan_hash, session.id,
+                             str(key_dir),
                              b"" if body_path else body, model.n_inputs, item_limit,
                              body_path=body_path)
     try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
 from heinfer import wire
+from heinfer_server import recovery, workers
 from heinfer_server import store as st
-from heinfer_server import workers
 from heinfer_server.api.deps import ApiKeyDep, StateDep
 from heinfer_server.api.routes.models import get_model_or_404
 from heinfer_server.api.schemas import SessionPublic, binary_body, problems
@@ -47,7 +48,7 @@ def refuse_context(f, size: int) -> None:
              openapi_extra=binary_body("evaluation keys: heinfer wire EVAL_KEYS (RELIN_KEYS, "
                                        "GALOIS_KEYS for the spec's rotation steps, optional "
                                        "PUBLIC_KEY); never a secret key"),
-             responses=problems(400, 401, 404, 409, 413, 415, 429, 503))
+             responses=problems(400, 401, 404, 409, 413, 415, 429, 500, 503))
 async def create_session(
     request: Request, state: StateDep, principal: ApiKeyDep,
     model: Annotated[str, Query(description="the model these keys are for")],
@@ -57,6 +58,7 @@ async def create_session(
 ) -> SessionPublic:
     s = state.settings
     row = get_model_or_404(state, model)
+    state.plan_files(row)
     if plan_hash is not None and plan_hash != row.plan_hash:
         raise ApiError("plan_mismatch", f"keys made for plan {plan_hash}, model {model} now "
                        f"serves plan {row.plan_hash}: fetch the spec and make new keys")
@@ -91,6 +93,11 @@ async def create_session(
         sections = await state.pool.run(workers.validate_keys, job,
                                          timeout=s.setup_timeout_s)
         upload.unlink()
+        # the row's fields next to the keys: a lost database can be rebuilt (recovery.adopt)
+        recovery.write_sidecar(staged, {"id": sid, "owner": principal.id, "model": model,
+                                        "plan_hash": row.plan_hash,
+                                        "key_bytes": sum(sections.values()),
+                                        "created_at": time.time()})
         key_dir = state.store.data_dir / "sessions" / sid
         os.replace(staged, key_dir)  # complete on disk before the row that points to it
         created = st.create_session(state.store, session_id=sid, owner=principal.id,
