@@ -1,7 +1,8 @@
 # heinfer server image. The container runs exactly `heinfer serve`, configured by HEINFER_*
 # environment variables: the same command the integration tests start outside Docker
 # (tests/test_client_cli.py checks that this CMD is what they run).
-FROM python:3.11-slim
+# Base image pinned by full version and Debian release (bumped deliberately: docs/RELEASING.md).
+FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -9,13 +10,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# Dependencies first, exactly as locked (versions and hashes): a layer that survives code changes.
+COPY requirements/server.txt ./requirements/server.txt
+RUN pip install --require-hashes -r requirements/server.txt
+COPY pyproject.toml README.md LICENSE ./
 COPY heinfer ./heinfer
 COPY packing ./packing
 COPY server ./server
 COPY client ./client
 COPY models ./models
-RUN pip install ".[server]" \
+# The project itself, non-editable, resolving nothing more (tests/test_packaging.py builds a wheel
+# from exactly these files).
+RUN pip install --no-deps . \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin heinfer \
     && mkdir -p /data && chown heinfer:heinfer /data
 

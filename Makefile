@@ -3,10 +3,10 @@ PY := .venv/bin/python
 STAMP := .venv/.heinfer-installed
 PYFHEL_STAMP := .venv/.pyfhel-installed
 
-.PHONY: setup demo test lint bench train
+.PHONY: setup demo test lint bench train lock dist
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml requirements/dev.txt scripts/setup.sh
 	bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -24,6 +24,22 @@ test: $(STAMP) $(PYFHEL_STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# Re-resolve the lock files after a dependency change in pyproject.toml (docs/RELEASING.md).
+# One universal resolution for every supported Python (3.11-3.13), with hashes; the server lock is
+# the same versions restricted to what the image needs.
+UV := uv==0.13.9
+LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --no-header --quiet
+lock: $(STAMP)
+	$(PY) -m pip install -q $(UV)
+	$(PY) -m uv pip compile pyproject.toml $(LOCK_ARGS) --extra server --extra dev -o requirements/dev.txt
+	$(PY) -m uv pip compile pyproject.toml $(LOCK_ARGS) --extra server -c requirements/dev.txt -o requirements/server.txt
+
+# Release artefacts: sdist and wheel into dist/, checked as PyPI would (docs/RELEASING.md).
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
 
 # Benchmarks: run on an otherwise idle machine (2 cores: anything else in parallel skews them).
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything heinfer needs on a fresh Debian/Ubuntu machine: the Fashion-MNIST Debian
-# package (test data), a virtual environment and the project with its server and dev extras.
-# Idempotent; `make setup` runs it when pyproject.toml changes.
+# package (test data), a virtual environment, the locked dependencies (server and dev extras)
+# and the project. Idempotent; `make setup` runs it when pyproject.toml or the lock changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +22,15 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv"
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-echo "[setup] installing heinfer[server,dev] (editable)"
-.venv/bin/python -m pip install -q -e ".[server,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# pip's "Location ... is ignored" lines come from local index mirrors, not from this project
+pipq() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # pipefail keeps pip's status
+pipq .venv/bin/python -m pip install -q --upgrade pip
+# Dependencies exactly as locked (versions and hashes, requirements/dev.txt: docs/RELEASING.md),
+# then the project itself on top with no dependency resolution of its own.
+echo "[setup] installing the locked dependencies (requirements/dev.txt)"
+pipq .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.txt
+echo "[setup] installing heinfer (editable)"
+# setuptools' "Editable installation" notice is information (mapped folders such as server/ are
+# imported through a finder, not the working directory), not a packaging problem: silenced.
+PYTHONWARNINGS="ignore:Editable installation" pipq .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import heinfer, tenseal, heinfer_models" # fail loudly if the install broke
