@@ -96,7 +96,8 @@ def test_session_lifecycle_and_files(env):
     assert info["expires_at"] > info["last_used"]
     assert sid in [s["session_id"] for s in alice.get("/v1/sessions").json()]
     data = env["srv"].data_dir
-    assert sorted(os.listdir(data / "sessions" / sid)) == ["galois.seal", "relin.seal", "session.json"]
+    assert sorted(os.listdir(data / "sessions" / sid)) == ["galois.seal", "relin.seal",
+                                                           "session.json"]
     assert os.listdir(data / "tmp") == []  # the streamed upload was consumed
     assert alice.delete(f"/v1/sessions/{sid}").status_code == 204
     assert not (data / "sessions" / sid).exists()
