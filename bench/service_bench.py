@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     a.add_model(plan_json)
                 c = Client(server.url, key, keystore=Path(tmp) / "keys")
                 s = c.model(args.model).session()
-                bodies = [s.encode_encrypt(x[None][0]) for x in xs[:4]]
+                bodies = [s.encode_encrypt(x, normalized=True) for x in xs[:4]]
                 # correctness of what the load sends: one decrypted answer vs plaintext
                 r = s.predict_encrypted(bodies[0])
                 logits = s.decrypt_decode(r.content)

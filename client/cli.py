@@ -5,34 +5,47 @@
     heinfer health                                                     readiness of a server
     heinfer models list | show NAME | add NAME.plan.json | remove NAME
     heinfer keygen MODEL                                               make/show local keys
-    heinfer predict MODEL FILE.png|FILE.npy ...                        encrypted predictions
+    heinfer predict MODEL FILE.png|FILE.jpg|FILE.npy ...               encrypted predictions
     heinfer sessions list | delete ID
+    heinfer config show | set NAME VALUE [--server URL] | path         client settings
 
-Connection: --url (HEINFER_URL, default http://127.0.0.1:8000), --api-key (HEINFER_API_KEY);
-`models add/remove` use --admin-key (HEINFER_ADMIN_KEY). Output is readable text, or JSON with
---json. Exit codes: 0 ok, 1 the server refused, 2 usage or local error, 3 server unreachable.
+Connection options go before or after the subcommand (`heinfer --url U models list`); each
+comes from the flag, else the environment, else the config file (heinfer_client.config):
+--url (HEINFER_URL, default http://127.0.0.1:8000), --api-key (HEINFER_API_KEY), --admin-key
+(HEINFER_ADMIN_KEY, for `models add/remove`), --cacert (HEINFER_CACERT), --keystore
+(HEINFER_HOME). Output is readable text, or JSON with --json; progress goes to stderr (a bar
+on a terminal, plain lines when piped; --no-progress). Exit codes: 0 ok, 1 the server refused,
+2 usage or local error, 3 server unreachable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from heinfer_client.config import DEFAULT_URL, Resolved, resolve
+
+
+def _settings(args: argparse.Namespace) -> Resolved:
+    if getattr(args, "_settings", None) is None:
+        args._settings = resolve(url=args.url, api_key=args.api_key, admin_key=args.admin_key,
+                                 cacert=args.cacert, keystore=args.keystore)
+    return args._settings
 
 
 def _client(args: argparse.Namespace, admin: bool = False):
     from heinfer_client.sdk import Client
 
-    key = (args.admin_key or os.environ.get("HEINFER_ADMIN_KEY")) if admin else None
-    key = key or args.api_key or os.environ.get("HEINFER_API_KEY")
-    verify: bool | str = args.cacert or True
-    return Client(args.url, key, keystore=args.keystore, allow_insecure=args.allow_insecure,
-                  verify=verify)
+    cfg = _settings(args)
+    return Client(keystore=cfg.keystore, allow_insecure=args.allow_insecure,
+                  config=cfg.as_admin() if admin else cfg)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (args.no_progress or args.json)
 
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -42,7 +55,8 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
 def cmd_health(args: argparse.Namespace) -> int:
     with _client(args) as c:
         h = c.health(ready=not args.live)
-    _out(args, h, f"{args.url}: {h.get('status')}" + (
+        url = c.url
+    _out(args, h, f"{url}: {h.get('status')}" + (
         f" ({h.get('workers')} workers, {h.get('models')} models)" if "workers" in h and
         h.get("workers") is not None else ""))
     return 0
@@ -79,15 +93,47 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_keys(args: argparse.Namespace, c, m) -> tuple[Any, bool, float]:
+    """The model's local keys (made, or read back), with a progress line: making the Galois
+    keys is one SEAL call of seconds to minutes."""
+    from heinfer.progress import Phase
+
+    existed = c.keystore.entry(c.url, m.name, m.plan_hash).exists()
+    t0 = time.perf_counter()
+    with Phase(f"{'loading' if existed else 'generating'} keys for {m.name} "
+               f"({len(m.spec.rotation_steps)} Galois keys, {m.spec.params.describe()})",
+               disable=not _progress(args)):
+        keys = m.keys()
+        keys.eval_keys_wire()
+    return keys, existed, time.perf_counter() - t0
+
+
+def _session(args: argparse.Namespace, m):
+    """A session: reused, or created with an upload progress bar."""
+    from heinfer.progress import Progress
+
+    bar: Progress | None = None
+
+    def progress(sent: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, "uploading evaluation keys", unit="B",
+                           disable=not _progress(args))
+        bar.update(sent - bar.n)
+
+    try:
+        return m.session(progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     with _client(args) as c:
         m = c.model(args.model)
         entry = c.keystore.entry(c.url, m.name, m.plan_hash)
-        existed = entry.exists()
-        t0 = time.perf_counter()
-        keys = m.keys()
+        keys, existed, seconds = _make_keys(args, c, m)
         eval_bytes = len(keys.eval_keys_wire())
-        seconds = time.perf_counter() - t0
         data = {"model": m.name, "plan_hash": m.plan_hash, "secret_key": str(entry.secret_path),
                 "reused": existed, "eval_key_bytes": eval_bytes,
                 "rotation_steps": m.spec.rotation_steps, "seconds": round(seconds, 3)}
@@ -96,7 +142,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
                 f"  eval keys    {eval_bytes / 1e6:.2f} MB to upload: relinearization + "
                 f"{len(m.spec.rotation_steps)} Galois keys")
         if args.upload:
-            s = m.session()
+            s = _session(args, m)
             data["session_id"] = s.id
             text += f"\n  session      {s.id}"
         _out(args, data, text)
@@ -104,24 +150,27 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from heinfer.progress import Progress
     from heinfer_client.images import load_inputs
 
     with _client(args) as c:
         m = c.model(args.model)
+        convert = "grey" if args.grey else "rgb" if args.rgb else None
         inputs: list[tuple[str, Any]] = []
         for f in args.files:
-            xs = load_inputs(f, m.spec.input_shape)
-            inputs += [(f if len(xs) == 1 else f"{f}[{i}]", x) for i, x in enumerate(xs)]
-        s = m.session()
-        bar = tqdm(total=len(inputs), unit="img", desc="encrypted inference",
-                   disable=args.no_progress or args.json, file=sys.stderr)
+            xs = load_inputs(f, m.spec.input_shape, batch=args.batch, convert=convert)
+            xs = [m.preprocess(x, args.normalized) for x in xs]  # all checked before keygen
+            many = args.batch and f.lower().endswith(".npy")
+            inputs += [(f"{f}[{i}]" if many else f, x) for i, x in enumerate(xs)]
+        _make_keys(args, c, m)
+        s = _session(args, m)
         t0 = time.perf_counter()
-        preds = s.predict_batch([x for _, x in inputs], concurrency=args.concurrency,
-                                progress=lambda done, total: bar.update(1))
+        with Progress(len(inputs), "encrypted inference", unit="img",
+                      disable=not _progress(args)) as bar:
+            preds = s.predict_batch([x for _, x in inputs], concurrency=args.concurrency,
+                                    normalized=True,
+                                    progress=lambda done, total: bar.update(1))
         wall = time.perf_counter() - t0
-        bar.close()
     rows = [{"input": name, **p.to_dict()} for (name, _), p in zip(inputs, preds, strict=True)]
     if args.json:
         print(json.dumps({"model": m.name, "plan_hash": m.plan_hash, "session_id": s.id,
@@ -154,19 +203,61 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from heinfer_client import config
+
+    if args.action == "path":
+        print(config.config_path())
+        return 0
+    if args.action == "set":
+        path = config.set_value(args.name, args.value, server=args.server)
+        _out(args, {"path": str(path), "set": args.name},
+             f"set {args.name} in {path} (0600)")
+        return 0
+    cfg = _settings(args)
+    shown = {}
+    for name in ("url", "api_key", "admin_key", "cacert", "keystore"):
+        value = getattr(cfg, name)
+        if value and name in config.SECRET_FIELDS:
+            value = f"{value[:4]}... ({len(value)} characters)"
+        shown[name] = {"value": value, "from": cfg.describe(name) if getattr(cfg, name)
+                       else "not set"}
+    _out(args, {"config_file": str(cfg.path), **shown},
+         f"config file  {cfg.path}{'' if cfg.path.exists() else ' (absent)'}\n" + "\n".join(
+             f"{n:<11}  {v['value'] or '-'}   ({v['from']})" for n, v in shown.items()))
+    return 0
+
+
+CONNECTION = [  # (flag, help): global options, accepted before or after the subcommand
+    ("--url", f"server URL (HEINFER_URL, config file, default {DEFAULT_URL})"),
+    ("--api-key", "API key (HEINFER_API_KEY, config file)"),
+    ("--admin-key", "admin key for models add/remove (HEINFER_ADMIN_KEY, config file)"),
+    ("--keystore", "local key store (HEINFER_HOME, config file, default ~/.heinfer)"),
+    ("--cacert", "CA bundle for a TLS server (HEINFER_CACERT, config file)"),
+]
+SWITCHES = [("--allow-insecure", "accept models with insecure test parameters"),
+            ("--json", "machine-readable output"),
+            ("--no-progress", "no progress display on stderr")]
+
+
+def _add_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    # below the subcommand the defaults are SUPPRESS, so they cannot overwrite a value given
+    # above it (argparse copies a subparser's defaults over the parent's namespace)
+    for flag, help_ in CONNECTION:
+        parser.add_argument(flag, default=None if top else argparse.SUPPRESS, help=help_)
+    for flag, help_ in SWITCHES:
+        parser.add_argument(flag, action="store_true",
+                            default=False if top else argparse.SUPPRESS, help=help_)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("HEINFER_URL", DEFAULT_URL))
-    common.add_argument("--api-key", default=None, help="default: $HEINFER_API_KEY")
-    common.add_argument("--admin-key", default=None, help="default: $HEINFER_ADMIN_KEY")
-    common.add_argument("--keystore", default=None, help="default: $HEINFER_HOME or ~/.heinfer")
-    common.add_argument("--cacert", default=None, help="CA bundle for a TLS server")
-    common.add_argument("--allow-insecure", action="store_true",
-                        help="accept models with insecure test parameters")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_options(common, top=False)
 
     ap = argparse.ArgumentParser(prog="heinfer", description="heinfer: encrypted inference "
-                                 "client and server")
+                                 "client and server", epilog="settings: flag > environment "
+                                 "> config file (heinfer config path) > default")
+    _add_options(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the server (flags: heinfer serve --help)",
                    add_help=False)
@@ -194,11 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--upload", action="store_true", help="also create a server session")
     k.set_defaults(fn=cmd_keygen)
 
-    p = sub.add_parser("predict", parents=[common], help="encrypted predictions for files")
+    p = sub.add_parser("predict", parents=[common], help="encrypted predictions for files",
+                       description="Images (PNG, JPEG, ... read with Pillow) are uint8 pixels, "
+                       "normalized here with what the model publishes. A .npy array holds one "
+                       "input: uint8 pixels, or floats already normalized (--normalized).")
     p.add_argument("model")
-    p.add_argument("files", nargs="+", help="PNG images or .npy arrays (one input or a batch)")
+    p.add_argument("files", nargs="+", help="images or .npy arrays")
+    p.add_argument("--normalized", action="store_true",
+                   help=".npy floats are already scaled and normalized as the model computes "
+                        "(without it, float arrays are refused: pixels go in as uint8)")
+    p.add_argument("--batch", action="store_true",
+                   help="each .npy holds a batch along its first dimension")
+    conv = p.add_mutually_exclusive_group()
+    conv.add_argument("--grey", "--gray", action="store_true",
+                      help="convert colour images to grey for a 1-channel model (else refused)")
+    conv.add_argument("--rgb", action="store_true",
+                      help="copy grey images to R, G, B for a 3-channel model (else refused)")
     p.add_argument("--concurrency", type=int, default=2, help="requests in flight")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("sessions", help="your sessions on the server")
@@ -207,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = ssub.add_parser("delete", parents=[common])
     d.add_argument("session_id")
     s.set_defaults(fn=cmd_sessions)
+
+    cf = sub.add_parser("config", help="show or set client settings (URL, keys)")
+    csub = cf.add_subparsers(dest="action", required=True)
+    csub.add_parser("show", parents=[common], help="settings in force and where each is from")
+    cset = csub.add_parser("set", parents=[common], help="write one setting to the config "
+                           "file (0600)")
+    cset.add_argument("name", choices=["url", "api_key", "admin_key", "cacert", "keystore"])
+    cset.add_argument("value", help="the value ('' removes it)")
+    cset.add_argument("--server", default=None,
+                      help="for this server URL only (a [servers.\"URL\"] table)")
+    csub.add_parser("path", parents=[common], help="where the config file is")
+    cf.set_defaults(fn=cmd_config)
     return ap
 
 
@@ -227,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except errors.TransportError as e:
-        print(f"heinfer: cannot reach {args.url}: {e}", file=sys.stderr)
+        cfg = _settings(args)
+        print(f"heinfer: cannot reach {cfg.url} (URL from {cfg.describe('url')}): {e}\n"
+              f"  to use another server: {cfg.hint('url')}", file=sys.stderr)
         return 3
     except errors.APIError as e:
         if args.json:

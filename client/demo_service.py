@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # The demo plays the model owner too, so it needs the compiler and the zoo (imported here,
     # not by the client package).
-    from tqdm import tqdm
-
     from heinfer.errors import ModelFormatError
+    from heinfer.progress import Progress
     from heinfer_client import Client
     from heinfer_client.local import LocalServer
     from heinfer_models import fashion_mnist, zoo
@@ -80,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[client] spec fetched, keys made for {len(m.spec.rotation_steps)} rotation "
                   f"steps, {s.key_upload_bytes / 1e6:.1f} MB of evaluation keys uploaded: "
                   f"{setup:.1f} s; secret key stays in {c.keystore.root}")
-            bar = tqdm(total=len(xs), unit="img", desc="[client] encrypted inference over HTTP")
             t = time.perf_counter()
-            preds = s.predict_batch(list(xs), concurrency=args.concurrency,
-                                    progress=lambda done, total: bar.update(1))
+            with Progress(len(xs), "[client] encrypted inference over HTTP", unit="img") as bar:
+                preds = s.predict_batch(list(xs), concurrency=args.concurrency,
+                                        normalized=True,  # fashion_mnist.normalize did it
+                                        progress=lambda done, total: bar.update(1))
             wall = time.perf_counter() - t
-            bar.close()
             c.close()
 
         plain = [model.forward(x) for x in xs]

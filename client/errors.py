@@ -6,6 +6,8 @@
     |                             (also a heinfer.errors.InsecureParamsError)
     +-- IncompatibleSpecError     the spec needs another HE backend / SEAL version or plan format
     +-- KeystoreError             the local key store is unusable
+    +-- ConfigError               the config file is unreadable, invalid or not private
+    +-- InputError                an input the model cannot take (dtype, shape, image mode)
     +-- APIError                  the server answered with a problem (status, code, detail)
         +-- AuthError             401, 403: missing, unknown or insufficient API key
         +-- NotFoundError         404: unknown model, session or route
@@ -45,6 +47,14 @@ class IncompatibleSpecError(ClientError):
 
 
 class KeystoreError(ClientError):
+    pass
+
+
+class ConfigError(ClientError):
+    pass
+
+
+class InputError(ClientError, ValueError):
     pass
 
 

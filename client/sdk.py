@@ -1,10 +1,10 @@
 """The Python SDK: from nothing to an encrypted prediction in five lines.
 
     from heinfer_client import Client
-    c = Client("http://127.0.0.1:8000", api_key)
+    c = Client("http://127.0.0.1:8000", api_key)  # or Client(): HEINFER_URL/_API_KEY, config
     m = c.model("fmnist-cryptonets")     # public spec; refused if below 128-bit security
     s = m.session()                      # keys made (or reused) locally; evaluation keys uploaded
-    p = s.predict(image)                 # encrypt -> server -> decrypt: p.label, p.probabilities
+    p = s.predict(image)                 # uint8 pixels (floats: normalized=True): p.label, ...
 
 What goes over the wire: evaluation keys (relinearization + Galois keys for exactly the spec's
 rotation steps) once per session, then ciphertexts. The secret key is made here, stored in the
@@ -14,17 +14,20 @@ were made for; a model that changes plan answers 409 (`PlanChangedError`).
 Retries: `predict` has no side effects, so it is retried on connection errors, dropped
 connections and 503 (queue full: waits Retry-After), with exponential backoff. Other calls
 are retried only when the request certainly did not reach the server (connect errors) or the
-server refused it before doing anything (503).
+server refused it before doing anything (503). A refused TCP connection (nothing listening)
+is reported at once, not retried, unless `Client(refused_wait=S)` asks to ride through a
+restart.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +38,11 @@ import numpy as np
 
 from heinfer import __version__
 from heinfer.codec import finish_output
-from heinfer.errors import InsecureParamsError, LayoutError, ParamsMismatchError
+from heinfer.errors import InsecureParamsError, ParamsMismatchError
 from heinfer.plan import PLAN_FORMAT_VERSION, ModelSpec
 from heinfer_client import errors
+from heinfer_client.config import Resolved, resolve
+from heinfer_client.images import to_model_input
 from heinfer_client.keys import LocalKeys, check_backend
 from heinfer_client.keystore import Keystore
 
@@ -79,27 +84,40 @@ def softmax(z: np.ndarray) -> np.ndarray:
 class Client:
     """A connection to one heinfer server with one API key.
 
-    `transport` (an httpx transport) lets tests drive the client from a function
-    (`httpx.MockTransport`) or record what is sent. `verify` is passed to httpx: a CA bundle
-    path for a server with a private certificate."""
+    `url`, `api_key` and `verify` default to HEINFER_URL, HEINFER_API_KEY, HEINFER_CACERT,
+    then the config file (heinfer_client.config: ~/.config/heinfer/config.toml), then
+    http://127.0.0.1:8000 and no key. `transport` (an httpx transport) lets tests drive the
+    client from a function (`httpx.MockTransport`) or record what is sent. `verify` is passed
+    to httpx: a CA bundle path for a server with a private certificate. A refused connection
+    is reported at once; `refused_wait` seconds of retries ride through a server restart."""
 
-    def __init__(self, url: str, api_key: str | None = None, *,
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  transport: httpx.BaseTransport | None = None,
                  keystore: Keystore | str | Path | None = None, allow_insecure: bool = False,
                  retries: int = 6, backoff: float = 0.25, max_backoff: float = 8.0,
-                 timeout: float = 600.0, verify: bool | str | ssl.SSLContext = True):
-        self.url = url.rstrip("/")
-        self.api_key = api_key
+                 timeout: float = 600.0, verify: bool | str | ssl.SSLContext = True,
+                 refused_wait: float = 0.0, config: Resolved | None = None):
+        self.config = config or resolve(
+            url=url, api_key=api_key, flags=False,
+            cacert=verify if isinstance(verify, str) else None,
+            keystore=None if keystore is None or isinstance(keystore, Keystore) else
+            str(keystore))
+        self.url = self.config.url
+        self.api_key = self.config.api_key
         self.allow_insecure = allow_insecure
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.keystore = keystore if isinstance(keystore, Keystore) else Keystore(keystore)
+        self.refused_wait = refused_wait
+        self.keystore = keystore if isinstance(keystore, Keystore) else Keystore(
+            self.config.keystore)
+        if verify is True and self.config.cacert:
+            verify = self.config.cacert
         if isinstance(verify, str):  # a CA bundle for a server with a private certificate
             verify = ssl.create_default_context(cafile=verify)
         headers = {"User-Agent": f"heinfer-client/{__version__}"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         self._http = httpx.Client(base_url=self.url, transport=transport, headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=10.0), verify=verify)
 
@@ -108,12 +126,20 @@ class Client:
                 **kwargs: Any) -> httpx.Response:
         """One API call with the retry policy `retry`; problems become `errors.APIError`s."""
         attempt = 0
+        refused_at: float | None = None
         while True:
             try:
                 r = self._http.request(method, path, **kwargs)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 err: Exception = e
-                retryable = retry != NEVER
+                # refused: nothing listens there (a wrong URL, a stopped server): reported at
+                # once unless the caller asked to ride through restarts (`refused_wait`)
+                if _refused(e):
+                    refused_at = refused_at or time.monotonic()
+                    retryable = retry != NEVER and (
+                        time.monotonic() - refused_at < self.refused_wait)
+                else:
+                    retryable = retry != NEVER
             except httpx.TransportError as e:  # sent, then the connection broke
                 err, retryable = e, retry == SAFE
             else:
@@ -122,10 +148,12 @@ class Client:
                     attempt += 1
                     continue
                 if r.is_error:
-                    raise _problem(r)
+                    raise _problem(r, self.config)
                 return r
             if not retryable or attempt >= self.retries:
-                raise errors.TransportError(f"{method} {self.url}{path}: {err!r} (after "
+                what = ("connection refused: is the server running at this address?"
+                        if _refused(err) else repr(err))
+                raise errors.TransportError(f"{method} {self.url}{path}: {what} (after "
                                             f"{attempt + 1} attempt(s))") from err
             self._sleep(attempt, None)
             attempt += 1
@@ -233,25 +261,15 @@ class Model:
     def labels(self) -> list[str]:
         return self.spec.output.labels
 
-    def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """Raw pixels (uint8) -> the model's input: scaled to [0, 1], normalized with the
-        mean/std the model publishes, shaped like the spec's input. Floats pass unchanged
-        (already preprocessed) apart from the shape."""
-        x = np.asarray(x)
-        if x.dtype == np.uint8:
-            x = x.astype(np.float64) / 255.0
-            norm = (self.preprocessing or {}).get("normalization")
-            if norm:
-                x = (x - float(norm["mean"])) / float(norm["std"])
-        x = np.asarray(x, dtype=np.float64)
-        shape = tuple(self.spec.input_shape)
-        if x.shape != shape:
-            if x.size != int(np.prod(shape)) or [d for d in x.shape if d != 1] != [
-                    d for d in shape if d != 1]:
-                raise LayoutError(f"model {self.name} takes input of shape {shape}, got "
-                                  f"{x.shape}")
-            x = x.reshape(shape)
-        return x
+    def preprocess(self, x: np.ndarray, normalized: bool = False) -> np.ndarray:
+        """The model's input from uint8 pixels (scaled to [0, 1], normalized with the mean/std
+        the model publishes), or from floats already normalized (`normalized=True` only: a
+        float array is never guessed to be either). The shape must be the spec's up to size-1
+        dimensions; a channel-count mismatch or a batch is an InputError
+        (heinfer_client.images.to_model_input)."""
+        return to_model_input(x, self.spec.input_shape,
+                              (self.preprocessing or {}).get("normalization"),
+                              normalized=normalized, model=f"model {self.name}")
 
     def keys(self) -> LocalKeys:
         """This model's keys from the local key store, made (and stored 0600) if absent."""
@@ -263,10 +281,11 @@ class Model:
                     self.client.keystore.new_meta(self.client.url, self.name, self.spec))
         return keys
 
-    def session(self, *, reuse: bool = True) -> Session:
+    def session(self, *, reuse: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> Session:
         """A session on the server holding this client's evaluation keys. With `reuse`, a
         session this API key made earlier for the same plan is used again when still alive
-        (no key upload)."""
+        (no key upload). `progress(sent, total)` is called as the key upload goes (bytes)."""
         keys = self.keys()
         entry = self.client.keystore.entry(self.client.url, self.name, self.plan_hash)
         if reuse and (sid := entry.session_for(self.client.api_key)):
@@ -276,7 +295,23 @@ class Model:
                     return Session(self, keys, info, uploaded_bytes=0)
             except (errors.NotFoundError, errors.SessionExpiredError):
                 pass
-        return Session.create(self, keys)
+        return Session.create(self, keys, progress=progress)
+
+
+class _Upload:
+    """A body sent in chunks with a progress callback; iterable again for a retry (httpx sends
+    it with the Content-Length header we set, not chunked)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, body: bytes, progress: Callable[[int, int], None]):
+        self.body, self.progress = body, progress
+
+    def __iter__(self) -> Iterator[bytes]:
+        view = memoryview(self.body)
+        for start in range(0, len(view), self.CHUNK):
+            yield bytes(view[start:start + self.CHUNK])
+            self.progress(min(start + self.CHUNK, len(view)), len(view))
 
 
 class Session:
@@ -291,7 +326,8 @@ class Session:
         self._renew_lock = threading.Lock()
 
     @classmethod
-    def create(cls, model: Model, keys: LocalKeys) -> Session:
+    def create(cls, model: Model, keys: LocalKeys,
+               progress: Callable[[int, int], None] | None = None) -> Session:
         body = keys.eval_keys_wire()
         limit = model.limits.get("max_key_bytes")
         if limit is not None and len(body) > limit:
@@ -299,9 +335,11 @@ class Session:
                 413, "payload_too_large", f"evaluation keys of {len(body):,} bytes exceed the "
                 f"server's limit of {limit:,} bytes")
         client = model.client
-        info = client.request("POST", "/v1/sessions", retry=CONNECT, content=body,
+        info = client.request("POST", "/v1/sessions", retry=CONNECT,
+                              content=_Upload(body, progress) if progress else body,
                               params={"model": model.name, "plan_hash": model.plan_hash},
-                              headers={"Content-Type": BINARY}).json()
+                              headers={"Content-Type": BINARY,
+                                       "Content-Length": str(len(body))}).json()
         keys.drop_eval_keys()
         client.keystore.entry(client.url, model.name, model.plan_hash).remember_session(
             client.api_key, info["session_id"])
@@ -314,8 +352,8 @@ class Session:
                 self.id, self.info = fresh.id, fresh.info
                 self.key_upload_bytes += fresh.key_upload_bytes
 
-    def encode_encrypt(self, x: np.ndarray) -> bytes:
-        return self.keys.encode_encrypt(self.model.preprocess(x))
+    def encode_encrypt(self, x: np.ndarray, normalized: bool = False) -> bytes:
+        return self.keys.encode_encrypt(self.model.preprocess(x, normalized))
 
     def decrypt_decode(self, body: bytes) -> np.ndarray:
         return self.keys.decrypt_decode(body, self.model.limits.get("max_ciphertext_bytes"))
@@ -336,15 +374,17 @@ class Session:
                 self._renew(sid)
         raise AssertionError("unreachable")
 
-    def predict(self, x: np.ndarray) -> Prediction:
-        """Encrypt one input, evaluate it on the server, decrypt: logits, label,
-        probabilities, and the time and bytes it took."""
+    def predict(self, x: np.ndarray, *, normalized: bool = False) -> Prediction:
+        """Encrypt one input (uint8 pixels, or floats with `normalized=True`: see
+        Model.preprocess), evaluate it on the server, decrypt: logits, label, probabilities,
+        and the time and bytes it took."""
         t0 = time.perf_counter()
-        body = self.encode_encrypt(x)
+        x = self.model.preprocess(x, normalized)  # checked before anything is encrypted
+        body = self.keys.encode_encrypt(x)
         r = self.predict_encrypted(body)
         decoded = np.asarray(self.decrypt_decode(r.content), dtype=np.float64).reshape(-1)
         # conformal models finish on the client, which knows x (see heinfer.codec)
-        logits = finish_output(self.model.spec, decoded, self.model.preprocess(x))
+        logits = finish_output(self.model.spec, decoded, x)
         seconds = time.perf_counter() - t0
         label = int(np.argmax(logits))
         names = self.model.labels
@@ -354,16 +394,18 @@ class Session:
                           len(body), len(r.content), r.headers.get("x-request-id"))
 
     def predict_batch(self, xs: Iterable[np.ndarray] | np.ndarray, *, concurrency: int = 2,
+                      normalized: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> list[Prediction]:
-        """Predict many inputs, `concurrency` requests in flight (encryption of the next input
-        overlaps the server's work on the previous). Results in input order."""
-        items: Sequence = list(xs)
+        """Predict many inputs (an array: along its leading dimension), `concurrency` requests
+        in flight (encryption of the next input overlaps the server's work on the previous).
+        Every input is checked before the first is sent. Results in input order."""
+        items: Sequence = [self.model.preprocess(x, normalized) for x in xs]
         done = 0
         lock = threading.Lock()
 
         def one(x: np.ndarray) -> Prediction:
             nonlocal done
-            p = self.predict(x)
+            p = self.predict(x, normalized=True)  # preprocessed above
             with lock:
                 done += 1
                 if progress:
@@ -382,6 +424,19 @@ class Session:
             .remember_session(client.api_key, None)
 
 
+def _refused(e: BaseException) -> bool:
+    """A refused TCP connection (ECONNREFUSED) anywhere in the exception's causes."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError) or getattr(
+                seen, "errno", None) == errno.ECONNREFUSED:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _retry_after(r: httpx.Response) -> float | None:
     try:
         return float(r.headers["retry-after"])
@@ -389,13 +444,16 @@ def _retry_after(r: httpx.Response) -> float | None:
         return None
 
 
-def _problem(r: httpx.Response) -> errors.APIError:
+def _problem(r: httpx.Response, config: Resolved | None = None) -> errors.APIError:
     try:
         body = r.json()
     except (json.JSONDecodeError, ValueError):
         body = {"detail": r.text[:500]}
-    return errors.from_problem(r.status_code, body if isinstance(body, dict) else None,
-                               _retry_after(r))
+    body = dict(body) if isinstance(body, dict) else {}
+    hint = config.explain(str(body.get("code"))) if config else None
+    if hint:  # name the flag / argument, the variable and the file the key comes from
+        body["detail"] = f"{body.get('detail') or 'no detail'}; {hint}"
+    return errors.from_problem(r.status_code, body, _retry_after(r))
 
 
 @dataclass

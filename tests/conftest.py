@@ -32,3 +32,12 @@ def run_encrypted(params: CKKSParams, layout, steps: list[PlanStep], x: np.ndarr
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _no_user_client_config(monkeypatch, tmp_path_factory):
+    """The CLI and SDK read HEINFER_URL/_API_KEY/... and ~/.config/heinfer/config.toml: the
+    tests see neither the developer's variables nor their config file."""
+    for var in ("HEINFER_URL", "HEINFER_API_KEY", "HEINFER_ADMIN_KEY", "HEINFER_CACERT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HEINFER_CONFIG", str(tmp_path_factory.getbasetemp() / "no-config.toml"))

@@ -8,10 +8,8 @@ import os
 import re
 import shutil
 import stat
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ import yaml
 
 from heinfer_client import Client
 from heinfer_client.cli import main
-from heinfer_client.images import load_inputs, read_png
 from heinfer_client.local import LocalServer, heinfer_command
 from tests.test_server_support import (
     ADMIN,
@@ -83,78 +80,18 @@ def test_keygen_stores_a_private_secret_key(srv, tmp_path, capsys):
     assert code == 0 and out.startswith("reused keys")
 
 
-def _png(path: Path, img: np.ndarray, filt: int | None = None) -> None:
-    """A minimal PNG writer using each row filter (None: cycle through all five)."""
-    h, w = img.shape[:2]
-    ch = 1 if img.ndim == 2 else img.shape[2]
-    rows = img.reshape(h, w * ch).astype(np.int32)
-    raw = bytearray()
-    prev = np.zeros(w * ch, dtype=np.int32)
-    for y in range(h):
-        f = (y % 5) if filt is None else filt
-        cur = rows[y]
-        left = np.concatenate([np.zeros(ch, dtype=np.int32), cur[:-ch]])
-        upleft = np.concatenate([np.zeros(ch, dtype=np.int32), prev[:-ch]])
-        if f == 0:
-            enc = cur
-        elif f == 1:
-            enc = cur - left
-        elif f == 2:
-            enc = cur - prev
-        elif f == 3:
-            enc = cur - (left + prev) // 2
-        else:
-            p = left + prev - upleft
-            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-            enc = cur - pred
-        raw += bytes([f]) + bytes((enc & 0xFF).astype(np.uint8))
-        prev = cur
-    color = {1: 0, 2: 4, 3: 2, 4: 6}[ch]
-
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8,
-                                                                         color, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
-
-
-def test_png_reader_all_filters_and_pillow(tmp_path):
-    rng = np.random.default_rng(0)
-    grey = rng.integers(0, 256, size=(9, 7), dtype=np.uint8)
-    for f in (None, 0, 1, 2, 3, 4):
-        _png(tmp_path / "g.png", grey, f)
-        np.testing.assert_array_equal(read_png(tmp_path / "g.png"), grey)
+def test_predict_png_and_npy_files(srv, tmp_path, capsys):
     from PIL import Image
 
-    Image.fromarray(grey).save(tmp_path / "pil.png")
-    np.testing.assert_array_equal(read_png(tmp_path / "pil.png"), grey)
-    rgb = rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    want = np.asarray(Image.fromarray(rgb).convert("L"), dtype=int)
-    assert np.abs(read_png(tmp_path / "rgb.png").astype(int) - want).max() <= 1
-    _png(tmp_path / "rgba.png", np.dstack([rgb, np.full((5, 4), 255, np.uint8)]))
-    assert np.abs(read_png(tmp_path / "rgba.png").astype(int) - want).max() <= 1
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="not a PNG"):
-        read_png(tmp_path / "bad.png")
-    np.save(tmp_path / "b.npy", np.zeros((3, 1, 6, 6)))
-    assert len(load_inputs(tmp_path / "b.npy", [1, 6, 6])) == 3
-    np.save(tmp_path / "w.npy", np.zeros((5, 5)))
-    with pytest.raises(ValueError, match="neither"):
-        load_inputs(tmp_path / "w.npy", [1, 6, 6])
-
-
-def test_predict_png_and_npy_files(srv, tmp_path, capsys):
     rng = np.random.default_rng(4)
     imgs = [rng.integers(0, 256, size=(6, 6), dtype=np.uint8) for _ in range(2)]
     for i, img in enumerate(imgs):
-        _png(tmp_path / f"img{i}.png", img)
+        Image.fromarray(img).save(tmp_path / f"img{i}.png")
     batch = rng.normal(size=(3, 1, 6, 6))
     np.save(tmp_path / "batch.npy", batch)
     files = [str(tmp_path / "img0.png"), str(tmp_path / "img1.png"), str(tmp_path / "batch.npy")]
-    code, out, _ = run(capsys, "predict", "tiny", *files, "--json", *base(srv, tmp_path))
+    code, out, _ = run(capsys, "predict", "tiny", *files, "--json", "--batch", "--normalized",
+                       *base(srv, tmp_path))
     assert code == 0
     data = json.loads(out)
     preds = data["predictions"]
@@ -225,21 +162,35 @@ def test_serve_refuses_a_weak_admin_key(tmp_path):
     assert out.returncode == 2 and "too weak" in out.stderr
 
 
-def test_first_start_generates_keys_and_prints_them_once(tmp_path):
+def test_first_start_writes_generated_keys_to_a_private_file(tmp_path):
+    """Generated keys go to DATA/generated-keys.toml (0600), never to the log; that file is a
+    client config: `heinfer` run as a subprocess with only HEINFER_CONFIG set uses it."""
     env = {k: v for k, v in server_env().items() if k not in ("HEINFER_ADMIN_KEY",
                                                                "HEINFER_API_KEYS")}
     env["HEINFER_GENERATE_KEYS"] = "true"
     srv = LocalServer(tmp_path / "data", env=env)
+    keyfile = tmp_path / "data" / "generated-keys.toml"
     with srv:
-        printed = re.findall(r"generated (admin|client) API key .*: (\S+)", srv.log())
+        log = srv.log()
+        assert f"written to {keyfile} (mode 0600)" in log and "HEINFER_CONFIG" in log
+        assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
+        import tomllib
+
+        keys = tomllib.loads(keyfile.read_text())
+        assert keys["url"] == srv.url and keys["api_key"] != keys["admin_key"]
+        assert keys["api_key"] not in log and keys["admin_key"] not in log
         assert Client(srv.url).health()["status"] == "ready"
-    keys = dict(printed)
-    assert set(keys) == {"admin", "client"}
+        cli_env = {**os.environ, "HEINFER_CONFIG": str(keyfile),
+                   "HEINFER_HOME": str(tmp_path / "ks")}
+        out = subprocess.run([*heinfer_command(), "models", "list"], env=cli_env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "(no models)" in out.stdout, out.stderr
     with LocalServer(tmp_path / "data", env=env, port=srv.port) as again:
         assert "generated" not in again.log().split("Started server process")[-1]
-        assert Client(again.url, keys["client"]).models() == []
-        assert keys["client"] not in (tmp_path / "data" / "heinfer.db").read_bytes().decode(
-            "latin-1")
+        assert Client(again.url, keys["api_key"]).models() == []
+        assert tomllib.loads(keyfile.read_text()) == keys  # untouched
+        db = (tmp_path / "data" / "heinfer.db").read_bytes().decode("latin-1")
+        assert keys["api_key"] not in db and keys["admin_key"] not in db
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

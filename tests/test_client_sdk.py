@@ -39,7 +39,7 @@ def test_five_lines_to_a_prediction(srv, tmp_path):
     m = c.model("tiny")
     s = m.session()
     x = np.random.default_rng(2).normal(size=(1, 6, 6))
-    p = s.predict(x)
+    p = s.predict(x, normalized=True)
     expected = tiny_model().forward(x)
     assert np.abs(p.logits - expected).max() < 1e-2
     assert p.label == int(np.argmax(expected)) and p.label_name == ["ant", "bee", "cat"][p.label]
@@ -50,8 +50,9 @@ def test_five_lines_to_a_prediction(srv, tmp_path):
     raw = np.random.default_rng(3).integers(0, 256, size=(6, 6), dtype=np.uint8)
     q = s.predict(raw)
     assert np.abs(q.logits - tiny_model().forward(((raw / 255 - 0.5) / 0.25)[None])).max() < 1e-2
-    batch = s.predict_batch([x, raw, x], concurrency=2)
-    assert [b.label for b in batch] == [p.label, q.label, p.label]
+    batch = s.predict_batch([x, x], concurrency=2, normalized=True)
+    assert [b.label for b in batch] == [p.label, p.label]
+    assert [b.label for b in s.predict_batch(np.stack([raw, raw]))] == [q.label, q.label]
 
 
 def test_keystore_is_private_and_reused(srv, tmp_path):
@@ -74,15 +75,16 @@ def test_keystore_is_private_and_reused(srv, tmp_path):
     s2 = c2.model("tiny").session()
     assert s2.id == s1.id and s2.key_upload_bytes == 0
     x = np.ones((1, 6, 6))
-    assert np.abs(s2.predict(x).logits - s1.predict(x).logits).max() < 1e-2
+    a, b = s2.predict(x, normalized=True), s1.predict(x, normalized=True)
+    assert np.abs(a.logits - b.logits).max() < 1e-2
     # another API key cannot reuse it: its own session, same local secret key
     s3 = Client(srv.url, BOB, keystore=tmp_path / "ks", allow_insecure=True).model(
         "tiny").session()
     assert s3.id != s1.id and s3.key_upload_bytes > 0
     # a deleted session is replaced transparently on the next predict (new upload)
     s1.delete()
-    p = s2.predict(x)
-    assert s2.id != s1.id and p.label == s3.predict(x).label
+    p = s2.predict(x, normalized=True)
+    assert s2.id != s1.id and p.label == s3.predict(x, normalized=True).label
 
 
 def test_nothing_secret_goes_over_the_wire(srv, tmp_path):
@@ -91,8 +93,8 @@ def test_nothing_secret_goes_over_the_wire(srv, tmp_path):
                transport=log.transport())
     m = c.model("tiny")
     s = m.session(reuse=False)
-    s.predict(np.ones((1, 6, 6)))
-    s.predict_batch([np.zeros((1, 6, 6))] * 2)
+    s.predict(np.ones((1, 6, 6)), normalized=True)
+    s.predict_batch([np.zeros((1, 6, 6))] * 2, normalized=True)
     s.delete()
     sk = c.keystore.entry(c.url, "tiny", m.plan_hash).read_secret()
     kinds = []
@@ -130,11 +132,11 @@ def test_plan_change_detected(srv, tmp_path):
     s = c.model("pinned").session()
     admin.add_model(p2, replace=True)
     with pytest.raises(errors.PlanChangedError) as e:
-        s.predict(np.ones((1, 6, 6)))
+        s.predict(np.ones((1, 6, 6)), normalized=True)
     assert e.value.code == "plan_mismatch" and e.value.status == 409
     s2 = c.model("pinned").session()  # a fresh spec: new keys for the new plan hash
     assert s2.model.plan_hash == Plan.load(p2).hash() != s.model.plan_hash
-    assert s2.predict(np.ones((1, 6, 6))).label in (0, 1, 2)
+    assert s2.predict(np.ones((1, 6, 6)), normalized=True).label in (0, 1, 2)
     admin.remove_model("pinned")
     with pytest.raises(errors.NotFoundError):
         c.model("pinned")
@@ -234,9 +236,11 @@ def test_shipped_model_over_http(tmp_path):
         session = c.model("fmnist-cryptonets").session()
         images, _ = fashion_mnist.load("test")
         xs = fashion_mnist.normalize(images[:2])
-        for x in xs:
-            p = session.predict(x)
+        for img, x in zip(images[:2], xs, strict=True):
+            p = session.predict(x, normalized=True)
             assert p.label == int(np.argmax(model.forward(x)))
+            # the uint8 image, normalized by the client with what the model publishes
+            assert np.abs(session.predict(img).logits - p.logits).max() < 5e-2
             assert p.server_ms < 1e3 * p.seconds
 
 

@@ -98,7 +98,7 @@ def test_conformal_model_through_the_server_and_sdk(rng, tmp_path):
         c = Client(srv.url, ALICE, keystore=tmp_path / "keys")
         s = c.model("conformal4").session()
         for x in xs:
-            p = s.predict(x)
+            p = s.predict(x, normalized=True)
             expected = net.forward(x)
             assert np.abs(p.logits - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
             assert p.label == int(np.argmax(expected))

@@ -52,11 +52,11 @@ def test_kill_9_mid_request_then_restart_keeps_models_and_sessions(tmp_path):
     srv.start()
     try:
         client = Client(srv.url, ALICE, keystore=tmp_path / "ks", allow_insecure=True,
-                        retries=8, backoff=0.2)
+                        retries=8, backoff=0.2, refused_wait=60)
         session = client.model("tiny").session()
         x = np.random.default_rng(5).normal(size=(1, 6, 6))
         expected = tiny_model().forward(x)
-        assert np.abs(session.predict(x).logits - expected).max() < 1e-2
+        assert np.abs(session.predict(x, normalized=True).logits - expected).max() < 1e-2
         body = session.encode_encrypt(x)
 
         # a predict whose body is still arriving when the server is killed
@@ -88,9 +88,10 @@ def test_kill_9_mid_request_then_restart_keeps_models_and_sessions(tmp_path):
             time.sleep(0.2)
         assert _group_alive(pgid) == []
 
-        # the SDK's predict, sent while the server is down, retries until it is back
+        # the SDK's predict, sent while the server is down, retries until it is back (asked
+        # for with refused_wait: by default a refused connection is reported at once)
         result: list[object] = []
-        th = threading.Thread(target=lambda: result.append(session.predict(x)))
+        th = threading.Thread(target=lambda: result.append(session.predict(x, normalized=True)))
         th.start()
         time.sleep(0.5)
         restarted = LocalServer(tmp_path / "data", env=server_env(), port=srv.port,
@@ -193,7 +194,7 @@ def test_sdk_retries_through_a_full_queue(busy, tmp_path):
                     max_backoff=1.0, retries=20)
     s = client.model("tiny").session()
     xs = [np.random.default_rng(100 + i).normal(size=(1, 6, 6)) for i in range(8)]
-    preds = s.predict_batch(xs, concurrency=8)
+    preds = s.predict_batch(xs, concurrency=8, normalized=True)
     for p, x in zip(preds, xs, strict=True):
         assert np.abs(p.logits - tiny_model().forward(x)).max() < 1e-2
 

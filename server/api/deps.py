@@ -23,7 +23,8 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 def get_principal(state: StateDep, creds: Annotated[HTTPAuthorizationCredentials | None,
                                                     Depends(bearer)]) -> Principal:
     if creds is None or not creds.credentials:
-        raise ApiError("missing_api_key", "send your API key as `Authorization: Bearer <key>`")
+        raise ApiError("missing_api_key", "send your API key as `Authorization: Bearer <key>` "
+                       "(heinfer CLI: --api-key or HEINFER_API_KEY)")
     principal = state.authenticate(creds.credentials)
     if principal is None:
         raise ApiError("invalid_api_key", "this API key is not known to the server")
