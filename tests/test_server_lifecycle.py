@@ -57,7 +57,7 @@ def test_kill_9_mid_request_then_restart_keeps_models_and_sessions(tmp_path):
         x = np.random.default_rng(5).normal(size=(1, 6, 6))
         expected = tiny_model().forward(x)
         assert np.abs(session.predict(x, normalized=True).logits - expected).max() < 1e-2
-        body = session.encode_encrypt(x)
+        body = session.encode_encrypt(x, normalized=True)
 
         # a predict whose body is still arriving when the server is killed
         reading = threading.Event()
