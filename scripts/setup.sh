@@ -34,3 +34,8 @@ echo "[setup] installing heinfer (editable)"
 # imported through a finder, not the working directory), not a packaging problem: silenced.
 PYTHONWARNINGS="ignore:Editable installation" pipq .venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import heinfer, tenseal, heinfer_models" # fail loudly if the install broke
+if ! .venv/bin/python -m pip check >/dev/null; then  # a dependency added without `make lock`
+    .venv/bin/python -m pip check >&2 || true
+    echo "[setup] requirements/dev.txt lacks a dependency of pyproject.toml: run \`make lock\`" >&2
+    exit 1
+fi

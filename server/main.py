@@ -19,6 +19,8 @@ FLAGS = [  # (flag, settings field, type, help)
     ("--workers", "workers", int, "HE worker processes (default: cores)"),
     ("--max-queue", "max_queue", int, "waiting requests beyond busy workers"),
     ("--request-timeout", "request_timeout_s", float, "seconds of HE work per request"),
+    ("--shutdown-grace", "shutdown_grace_s", float, "seconds in-flight requests may finish "
+     "after SIGTERM"),
     ("--session-ttl", "session_idle_ttl_s", float, "idle seconds before a session expires"),
     ("--max-key-bytes", "max_key_bytes", int, "largest evaluation-key upload"),
     ("--plan", "preload_plans", str, "plan file(s) to serve, comma separated"),
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
                 ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-                log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                log_config=None, access_log=False,
+                timeout_graceful_shutdown=settings.shutdown_grace_s,
                 server_header=False)
     return 0
 

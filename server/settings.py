@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                                        "more answer 503 with Retry-After")
     request_timeout_s: float = Field(default=300.0, gt=0,
                                      description="per-request limit on HE work")
+    shutdown_grace_s: float = Field(
+        default=5.0, gt=0,
+        description="on SIGTERM or Ctrl-C, how long in-flight requests may still finish; in a "
+                    "container above request_timeout_s and below the stop grace period")
     setup_timeout_s: float = Field(default=600.0, gt=0,
                                        description="limit on checking a key upload or a plan")
     admin_key: SecretStr | None = Field(default=None, description="bearer key for model admin")
