@@ -88,7 +88,7 @@ class RequestContext:
             status = err.status
             if not started:
                 resp = JSONResponse(errors.problem_body(err, rid), status_code=err.status,
-                                    media_type="application/problem+json")
+                                    media_type="application/problem+json", headers=err.headers)
                 await resp(scope, receive_wrapper, send_wrapper)
         finally:
             path = _route_label(scope)

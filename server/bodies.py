@@ -14,6 +14,7 @@ from pathlib import Path
 from starlette.requests import Request
 
 from heinfer_server.errors import ApiError
+from heinfer_server.shred import shred
 
 DRAIN_CAP = 64 << 20
 BINARY = "application/octet-stream"
@@ -70,5 +71,5 @@ async def stream_to_file(request: Request, path: Path, limit: int, what: str) ->
         with os.fdopen(fd, "wb") as f:
             return await _pump(request, limit, what, f.write)
     except BaseException:
-        path.unlink(missing_ok=True)
+        shred(path)
         raise

@@ -13,6 +13,7 @@ raises one of its codes; `EXCEPTIONS` maps `heinfer.errors` classes raised by th
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ PROBLEMS: dict[str, Problem] = {
     "worker_crashed": Problem(503, "Worker crashed"),
     "not_ready": Problem(503, "Not ready"),
     "timeout": Problem(504, "Evaluation timed out"),
+    "insufficient_storage": Problem(507, "Insufficient storage"),
     # server-side data loss: the operator must restore or re-add (never a client error)
     "plan_files_missing": Problem(500, "Model files missing on the server"),
     "session_keys_missing": Problem(500, "Session keys missing on the server"),
@@ -127,6 +129,11 @@ def classify(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, WireError):
         return ApiError(exc.code, str(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # the server's disk, not the caller's input: one log line, no traceback
+        log.error("storage full while handling a request", extra={"errno": exc.errno})
+        return ApiError("insufficient_storage", "the server's storage is full; retry later "
+                        "(existing sessions keep working)", headers={"Retry-After": "60"})
     for cls, code in EXCEPTIONS:
         if isinstance(exc, cls):
             if PROBLEMS[code].status >= 500:

@@ -12,19 +12,21 @@ key, must still be refused. The rules, applied to every section of an EVAL_KEYS 
    refused as `secret_key_refused` when its private part holds a secret key and as
    `malformed_keys` when not (contexts are not accepted either way); anything else is
    `malformed_keys`;
-3. structure: a SecretKey is ONE polynomial over all primes (n x k words), while relinearization
-   and Galois keys hold 2 x (k-1) polynomials per key (seeded: half). Any section no larger than
-   the largest possible SecretKey is *probed* (by the backend, `Backend.load_eval_keys`, so this
-   server never imports a SEAL binding itself): if SEAL loads it as a SecretKey for the model's
-   parameters it is refused (`secret_key_refused`), whatever its declared type. The probe is
-   decisive: SEAL validates the loaded object against the parameters (data size, NTT form,
-   coefficient ranges), and a SecretKey, a RelinKeys/GaloisKeys and a PublicKey never load as
-   one another (checked in tests/test_server_keys.py);
-4. the section must load as its declared type under the model's parameters (else
-   `params_mismatch`), relinearization keys must hold the key for power 2 and Galois keys the
-   element of every rotation step the plan uses (else `missing_keys`).
+3. exact structure (`seal_format`): each section is parsed field by field and checked exactly
+   against the plan (parms_id of the key level, NTT form, size 2, ring degree, primes, scale
+   1.0, data count, every word reduced) before SEAL sees it; a field that does not match is
+   `malformed_keys` or `params_mismatch`. Every stored polynomial, every RNS component, is then
+   tested for being short (coefficient form and inverse NTT): a short one is
+   `secret_key_refused`, whatever the object carrying it. A section that does not parse as its
+   type but parses as a SecretKey (a Plaintext over all primes) with short data is
+   `secret_key_refused` too;
+4. the backend (`Backend.with_eval_keys`, so this server never imports a SEAL binding itself)
+   still probes sections no larger than a SecretKey: if SEAL loads one as a SecretKey it is
+   refused; then each section must load as its declared type under the model's parameters
+   (else `params_mismatch`), relinearization keys must hold the key for power 2 and Galois keys
+   the element of every rotation step the plan uses (else `missing_keys`).
 
-A refused upload is deleted at once; nothing of it is kept or logged.
+A refused upload is overwritten and deleted at once (`shred`); nothing of it is kept or logged.
 """
 
 from __future__ import annotations

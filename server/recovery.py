@@ -1,6 +1,7 @@
 """Start-up recovery: nothing under the data directory is deleted at start.
 
-* Uploads a crash interrupted (`tmp/`) were never acknowledged: they are removed.
+* Uploads a crash interrupted (`tmp/`, and predict bodies in the RAM spill folder) were never
+  acknowledged: they are overwritten with zeros, then removed (`shred`).
 * Key directories of sessions whose row says `expired` finish the deletion their row recorded.
 * Any other file or directory under `models/` or `sessions/` that no row points to is *moved* to
   `quarantine/<UTC time>/<same relative path>`, with a log line and the metric
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heinfer_server import store as st
+from heinfer_server.shred import ram_spill_dir, shred_tree
 
 log = logging.getLogger("heinfer.server")
 
@@ -131,8 +133,10 @@ def recover(store: st.Store, report: Recovery, *, adopt: bool, allow_insecure: b
     """Drop interrupted uploads, finish recorded deletions, adopt (if asked) or quarantine
     every file no row points to."""
     data_dir = store.data_dir
-    for p in store.tmp.iterdir():
-        st.remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    # interrupted uploads may be refused ones (a secret key): overwritten, then deleted
+    spill = ram_spill_dir(data_dir)
+    for p in [*store.tmp.iterdir(), *(spill.iterdir() if spill else ())]:
+        shred_tree(p)
         report.tmp_removed += 1
     if adopt:
         _adopt(store, report, allow_insecure)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from heinfer_server import seal_format
 from heinfer_server.errors import ApiError
 from heinfer_server.keycheck import seal_header_ok, tenseal_context_secret
 
@@ -48,6 +49,7 @@ KEY_FILES = {"RELIN_KEYS": "relin.seal", "GALOIS_KEYS": "galois.seal",
 
 # -- worker side ------------------------------------------------------------------------------
 _PLANS: OrderedDict[str, Any] = OrderedDict()
+_EXPECT: OrderedDict[str, seal_format.Expect] = OrderedDict()
 _SESSIONS: OrderedDict[str, Any] = OrderedDict()
 _LIMITS = {"models": 4, "sessions": 4}
 
@@ -100,6 +102,16 @@ def _compiled(plan_path: str, plan_hash: str):
     return compiled
 
 
+def _expect(compiled) -> seal_format.Expect:
+    """What uploaded SEAL objects must match for this plan (see seal_format), cached."""
+    h = compiled.spec.plan_hash
+    hit = _EXPECT.get(h)
+    if hit is None:
+        hit = seal_format.Expect.of_backend(compiled.backend, compiled.plan.params.scale)
+    _lru_put(_EXPECT, h, hit, _LIMITS["models"])
+    return hit
+
+
 def _stored_keys(d: Path, steps: list[int]):
     from heinfer.backends.base import EvalKeyBytes
 
@@ -138,10 +150,11 @@ class PlanInfo:
 
 
 def inspect_plan(json_path: str, allow_insecure: bool) -> PlanInfo:
-    """Load a plan file (checks its version and hash) and derive its public spec."""
-    from heinfer.plan import Plan
+    """Load a plan file (strictly: plan_check; then its version and hash) and derive its
+    public spec."""
+    from heinfer_server.plan_check import load_checked
 
-    plan = Plan.load(json_path)
+    plan = load_checked(json_path)
     if plan.params.security_bits() < 128 and not allow_insecure:
         raise ApiError("insecure_params",
                        f"plan {plan.name} uses {plan.params.describe()}; this server refuses "
@@ -166,18 +179,6 @@ class KeyJob:
     session_id: str
 
 
-def _copy_range(src, dst_path: Path, offset: int, length: int) -> None:
-    src.seek(offset)
-    with open(dst_path, "wb") as out:
-        left = length
-        while left:
-            chunk = src.read(min(left, 1 << 20))
-            if not chunk:
-                raise ApiError("malformed_body", "upload shorter than its framing")
-            out.write(chunk)
-            left -= len(chunk)
-
-
 def validate_keys(job: KeyJob) -> dict[str, int]:
     """Split an EVAL_KEYS upload into one file per SEAL object and check each: framing and
     SEAL version here (see keycheck), secret-key probe, loading and key coverage in the backend
@@ -195,6 +196,8 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
     params = compiled.plan.params
     dest = Path(job.dest_dir)
     dest.mkdir(parents=True, exist_ok=False)
+    expect = _expect(compiled)
+    n_steps = len(compiled.spec.rotation_steps)
     sizes: dict[str, int] = {}
     with open(job.upload_path, "rb") as f:
         for name, offset, length in job.sections:
@@ -215,7 +218,15 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
                                f"the {name} section was written by SEAL {head[3]}.{head[4]}; "
                                f"this server runs {be.wire_format} (the spec's `backend`): "
                                "make the keys with that backend")
-            _copy_range(f, dest / KEY_FILES[name], offset, length)
+            f.seek(offset)
+            data = f.read(length)
+            if len(data) != length:
+                raise ApiError("malformed_body", "upload shorter than its framing")
+            # every field exact and no short polynomial, before SEAL parses a byte
+            seal_format.check_key_section(data, expect, name,
+                                          seal_format.key_members_limit(expect, name, n_steps))
+            (dest / KEY_FILES[name]).write_bytes(data)
+            del data
             sizes[name] = length
     if "RELIN_KEYS" not in sizes:
         raise ApiError("missing_keys", "the upload holds no RELIN_KEYS section")
@@ -232,6 +243,11 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
     except MissingKeyError as e:
         raise ApiError("missing_keys", f"{e}; the model's spec lists the steps to make keys "
                        f"for: {steps}") from e
+    except (ApiError, OSError):
+        raise
+    except Exception as e:  # whatever else a loader raises is the upload's, never a 500
+        raise ApiError("params_mismatch", f"the keys do not load under the model's parameters "
+                       f"({params.describe()}): {type(e).__name__}") from e
     _lru_put(_SESSIONS, f"{job.session_id}:{job.plan_hash}", session_be, _LIMITS["sessions"])
     return sizes
 
@@ -253,7 +269,6 @@ def predict(job: PredictJob) -> tuple[bytes, float]:
     """Evaluate the plan on the body's ciphertexts with the session's keys.
     Returns (output body in heinfer wire framing, seconds of HE work)."""
     from heinfer import wire
-    from heinfer.errors import ParamsMismatchError, SerializationError
 
     t0 = time.perf_counter()
     compiled = _compiled(job.plan_path, job.plan_hash)
@@ -262,19 +277,21 @@ def predict(job: PredictJob) -> tuple[bytes, float]:
     items = wire.decode_ciphertexts(body, expected_count=job.n_inputs,
                                     max_item_bytes=job.max_item_bytes)
     params = compiled.plan.params
+    expect = _expect(compiled)
     cts = []
     for i, data in enumerate(items):
         if not seal_header_ok(data[:16], len(data)):
             raise ApiError("malformed_ciphertext",
                            f"item {i} is not a SEAL object of exactly its section's length")
+        seal_format.check_ciphertext(data, expect, i)  # exact fields, no short polynomial
         try:
             ct = be.ciphertext_from_bytes(data)
-        except (SerializationError, ParamsMismatchError) as e:
+        except Exception as e:  # any loader failure is the input's, never a 500
             raise ApiError("params_mismatch",
                            f"ciphertext {i} does not load under the model's parameters "
                            f"({params.describe()}, {be.wire_format}): {e}") from e
-        if ct.size() != 2 or be.level(ct) != params.top_level or not math.isclose(
-                be.scale_of(ct), params.scale, rel_tol=1e-9):
+        if ct.size() != 2 or be.level(ct) != params.top_level or (
+                be.scale_of(ct) != params.scale):  # exact: SEAL's kernels need the same bits
             raise ApiError("malformed_ciphertext",
                            f"ciphertext {i} must be fresh: size 2 at level {params.top_level} "
                            f"and scale 2^{params.scale_bits} (got size {ct.size()}, level "
@@ -307,6 +324,10 @@ class EvalPool:
         self.ready = False
 
     def _new_executor(self) -> ProcessPoolExecutor:
+        # one BLAS thread per worker (spawned workers read this at import): the workers take a
+        # core each already, and OpenBLAS threads competing for them made the key check's
+        # matrix products 10x slower on a busy machine (docs/SERVICE.md, "Secret keys")
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         return ProcessPoolExecutor(max_workers=self.workers,
                                    mp_context=multiprocessing.get_context(self._start_method),
                                    initializer=_init_worker, initargs=self._init_args)

@@ -350,17 +350,21 @@ def test_metrics_docs_request_ids_and_logs(env):
     assert ALICE not in env["srv"].log(200_000)  # keys never logged
 
 
-def test_large_bodies_spill_to_a_private_file():
+def test_large_bodies_spill_to_a_private_file(tmp_path):
     import os
     import stat
 
     from heinfer_server.api.routes.predict import SPILL_BYTES, spill_body
+    from heinfer_server.shred import ram_spill_dir
 
-    assert spill_body(b"x" * 1000) is None  # small bodies go through the pool's pipe
+    spill = ram_spill_dir(tmp_path)
+    assert spill_body(b"x" * 1000, spill) is None  # small bodies go through the pool's pipe
     body = os.urandom(SPILL_BYTES + 1)
-    path = spill_body(body)
+    path = spill_body(body, spill)
     try:
         assert path is not None and open(path, "rb").read() == body
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(spill).st_mode) == 0o700
     finally:
         os.unlink(path)
+        os.rmdir(spill)

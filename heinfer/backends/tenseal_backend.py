@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import struct
 import tempfile
 import weakref
 from collections.abc import Iterable
@@ -119,6 +120,18 @@ class TensealBackend:
 
     def prime(self, level: int) -> int:
         return self._prime_by_level[level]
+
+    def seal_layout(self) -> dict:
+        """What a serialized object for these parameters must carry, for the server's exact
+        checks before SEAL parses anything (heinfer_server.seal_format): the SEAL version, the
+        ring degree, every prime in key-level order (data primes, then the special one), and
+        each level's parms_id as SEAL writes it (32 bytes; index = level, the key level last)."""
+        key = self.context.key_context_data()
+        levels = [struct.pack("<4Q", *self._parms_by_level[lv])
+                  for lv in sorted(self._parms_by_level)]
+        return {"version": self.seal_version, "n": self.params.poly_modulus_degree,
+                "key_primes": [m.value() for m in key.parms().coeff_modulus()],
+                "level_parms_ids": levels + [struct.pack("<4Q", *key.parms_id())]}
 
     # -- keys -----------------------------------------------------------------------------
     def generate_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:

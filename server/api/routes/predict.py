@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -15,18 +16,20 @@ from heinfer_server.api.routes.models import get_model_or_404
 from heinfer_server.api.schemas import binary_body, problems
 from heinfer_server.bodies import BINARY, read_limited, require_binary
 from heinfer_server.errors import ApiError
+from heinfer_server.shred import ram_spill_dir, shred
 
 # Bodies above this go to the worker as a file in RAM (/dev/shm when there is one): writing
-# 1.4 MB through the pool's pipe cost the API process more CPU than a memory copy.
+# 1.4 MB through the pool's pipe cost the API process more CPU than a memory copy. The folder
+# is the data directory's own (shred.ram_spill_dir): a refused body is shredded, and the next
+# start shreds what a kill -9 left.
 SPILL_BYTES = 256 * 1024
-_SPILL_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
-def spill_body(body: bytes | bytearray) -> str | None:
-    if len(body) < SPILL_BYTES:
+def spill_body(body: bytes | bytearray, spill_dir: Path | None) -> str | None:
+    if len(body) < SPILL_BYTES or spill_dir is None:
         return None
     try:
-        fd, path = tempfile.mkstemp(prefix="heinfer-body-", dir=_SPILL_DIR)
+        fd, path = tempfile.mkstemp(prefix="heinfer-body-", dir=spill_dir)
         with os.fdopen(fd, "wb") as f:
             f.write(body)
     except OSError:  # a full /dev/shm: the pipe still works
@@ -73,7 +76,7 @@ async def predict(
     state.metrics.bytes_in.labels("/v1/models/{name}/predict").inc(len(body))
     wire.parse_header(body, expected_kind=wire.Kind.CIPHERTEXTS, expected_count=model.n_inputs,
                       max_item_bytes=item_limit)
-    body_path = spill_body(body)
+    body_path = spill_body(body, ram_spill_dir(state.store.data_dir))
     job = workers.PredictJob(model.name, str(plan_path), model.plan_hash, session.id,
                              str(key_dir),
                              b"" if body_path else body, model.n_inputs, item_limit,
@@ -81,9 +84,12 @@ async def predict(
     try:
         out, seconds = await state.pool.run(workers.predict, job,
                                             timeout=state.settings.request_timeout_s)
-    finally:
+    except BaseException:
         if body_path:
-            os.unlink(body_path)
+            shred(body_path)  # may be a refused one (a secret key)
+        raise
+    if body_path:
+        os.unlink(body_path)
     state.metrics.he_seconds.labels(model.name).observe(seconds)
     state.metrics.bytes_out.labels("/v1/models/{name}/predict").inc(len(out))
     state.touch_session(session.id)

@@ -18,6 +18,7 @@ from heinfer_server.api.schemas import SessionPublic, binary_body, problems
 from heinfer_server.bodies import require_binary, stream_to_file
 from heinfer_server.errors import ApiError
 from heinfer_server.keycheck import tenseal_context_secret
+from heinfer_server.shred import shred, shred_tree
 from heinfer_server.state import ServerState, new_session_id
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -110,9 +111,9 @@ async def create_session(
             st.remove_tree(key_dir)
             raise ApiError("quota_exceeded", "this API key's session or storage quota is "
                            "used up; delete a session or let one expire")
-    finally:
-        upload.unlink(missing_ok=True)
-        st.remove_tree(staged)
+    finally:  # a refused upload may hold a secret key: overwrite, then delete
+        shred(upload)
+        shred_tree(staged)
     state.metrics.sessions.set(st.count_active_sessions(state.store))
     log.info("session created", extra={"session": sid, "model": model,
                                        "principal": principal.id, "key_bytes": created.key_bytes})

@@ -1,0 +1,403 @@
+"""SEAL objects parsed field by field and checked exactly against the plan, before SEAL sees them.
+
+SEAL's loaders accept objects the server cannot use (a ciphertext of size 0, a scale 1 ulp off,
+another level) and fail later with exceptions that say nothing to a client. So every byte the
+server relies on is read here first, from the serialization of SEAL 4.x:
+
+    SEALHeader     u16 magic 0xA15E | u8 header size 16 | u8 major | u8 minor |
+                   u8 compression (0 none, 1 zlib, 2 zstd) | u16 reserved 0 | u64 total size
+    Ciphertext     header | parms_id (4 x u64) | u8 NTT form | u64 size | u64 ring degree N |
+                   u64 number of primes k | f64 scale | u64 correction factor |
+                   DynArray (header, compression none | u64 count | count x u64) |
+                   [seeded: UniformRandomGeneratorInfo (header | u8 prng type | 64-byte seed)]
+    PublicKey      a Ciphertext
+    RelinKeys,     header | parms_id | u64 dim1 | dim1 x (u64 dim2 | dim2 x PublicKey)
+    GaloisKeys     (nested objects are written uncompressed)
+    SecretKey      a Plaintext: header | parms_id | u64 coeff count | f64 scale | DynArray
+
+The members after the outer header are compressed as a whole when its compression byte says so;
+they are decompressed here with a bound computed from the plan (no bombs). A seeded object stores
+only the first polynomial and the seed of the uniformly random second one (half the bytes).
+
+What must hold, exactly (each failure is a 400 with a code, see `ApiError`):
+- ciphertexts: the plan's top-level parms_id, NTT form, size 2, the plan's N and number of
+  primes, the plan's input scale bit for bit, correction factor 1, a data count of 2*N*k (or
+  N*k plus a seed), every word below its prime, no trailing bytes;
+- keys: the key level's parms_id (all primes), each key a size-2 NTT-form ciphertext with scale
+  1.0 and N*(k) words per polynomial, k-1 keys per decomposition, Galois indices below N.
+
+`secret_key_refused` by structure (the rule and its scope are stated in docs/SERVICE.md): every
+stored polynomial, every RNS component, is tested for being *short*, in coefficient form and
+after an inverse NTT (see `ShortTest`). A ciphertext or key component is uniformly random mod
+its prime; a secret key is ternary, an error small.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from heinfer_server.errors import ApiError
+
+SEAL_MAGIC = 0xA15E
+HEADER = struct.Struct("<HBBBBHQ")
+CT_META = struct.Struct("<32sBQQQdQ")  # parms_id, ntt, size, N, k, scale, correction
+PT_META = struct.Struct("<32sQd")  # parms_id, coeff count, scale
+U64 = struct.Struct("<Q")
+PRNG_INFO_SIZE = 16 + 1 + 64
+PRNG_TYPES = {1, 2}  # blake2xb, shake256
+MAX_CT_SIZE = 16  # SEAL_CIPHERTEXT_SIZE_MAX
+
+
+# -- primes and the inverse NTT at sampled positions -----------------------------------------
+def _bitrev(n: int, bits: int) -> np.ndarray:
+    i = np.arange(n, dtype=np.int64)
+    r = np.zeros(n, dtype=np.int64)
+    for b in range(bits):
+        r |= ((i >> b) & 1) << (bits - 1 - b)
+    return r
+
+
+def minimal_root(q: int, m: int) -> int:
+    """The smallest primitive m-th root of unity mod q (SEAL's choice for its NTT tables)."""
+    for x in range(2, 1 << 16):
+        g = pow(x, (q - 1) // m, q)
+        if pow(g, m // 2, q) == q - 1:
+            break
+    else:  # pragma: no cover - every NTT-friendly prime has one
+        raise ValueError(f"no primitive {m}-th root mod {q}")
+    best, cur, g2 = g, g, g * g % q
+    for _ in range(m // 2 - 1):
+        cur = cur * g2 % q
+        best = min(best, cur)
+    return best
+
+
+@dataclass
+class ShortTest:
+    """Is a polynomial (one RNS component, mod q) short?
+
+    Coefficient form: more than half of its N words within `bound(q)` of 0 (mod q).
+    NTT form (SEAL stores a[i] = s(psi^(2 bitrev(i) + 1)), psi the smallest primitive 2N-th
+    root): `samples` coefficients of the inverse NTT, at positions drawn per worker process
+    from the OS's randomness and never shown, at least half of them within the bound. Exact
+    modular arithmetic by float64 matrix products over limbs of w bits (2w + log2 N <= 53, so
+    every partial sum is exact). A uniform component passes either test with probability below
+    2^-100; a ternary or small-error one always fails."""
+
+    n: int
+    primes: list[int]
+    samples: int = 16
+    positions: np.ndarray = field(init=False)
+    _limbs: dict[int, list[np.ndarray]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rnd = secrets.SystemRandom()
+        self.positions = np.array(sorted(rnd.sample(range(self.n), self.samples)), np.int64)
+        logn = self.n.bit_length() - 1
+        self.w = (53 - logn) // 2
+        e = 2 * _bitrev(self.n, logn) + 1
+        for q in self.primes:
+            # T[t] = N^-1 psi^-t; row for coefficient j: T[(e_i * j) mod 2N]
+            pinv = pow(minimal_root(q, 2 * self.n), -1, q)
+            ninv = pow(self.n, -1, q)
+            table = [ninv] * (2 * self.n)
+            for t in range(1, 2 * self.n):
+                table[t] = table[t - 1] * pinv % q
+            tab = np.array(table, dtype=np.uint64)
+            u = tab[(e[:, None] * self.positions[None, :]) % (2 * self.n)]  # N x samples
+            self._limbs[q] = self._split(u, q)
+
+    def _split(self, a: np.ndarray, q: int) -> list[np.ndarray]:
+        # int64 -> float64 converts with SIMD, uint64 -> float64 does not (limbs fit either)
+        mask = np.uint64((1 << self.w) - 1)
+        return [((a >> np.uint64(self.w * i)) & mask).view(np.int64).astype(np.float64)
+                for i in range(math.ceil(q.bit_length() / self.w))]
+
+    @staticmethod
+    def bound(q: int) -> int:
+        return min(1 << 16, q >> 12)
+
+    def _small(self, v: np.ndarray, q: int) -> np.ndarray:
+        b = np.uint64(self.bound(q))
+        return (v <= b) | (v >= np.uint64(q) - b)
+
+    def short_rows(self, rows: np.ndarray, q: int) -> np.ndarray:
+        """rows: M x N words (< q). Returns a bool per row: short in either form."""
+        raw = self._small(rows, q).sum(axis=1) * 2 > self.n
+        s_limbs = self._split(rows, q)
+        u_limbs = self._limbs[q]
+        by_shift: dict[int, np.ndarray] = {}
+        for a, sa in enumerate(s_limbs):
+            for b, ub in enumerate(u_limbs):
+                part = (sa @ ub).astype(np.uint64)  # exact: < 2^53
+                by_shift[a + b] = by_shift.get(a + b, 0) + part  # < 2^57
+        total = np.zeros(rows.shape[0] * self.samples, dtype=object)
+        for d, part in by_shift.items():
+            total = (total + (part % np.uint64(q)).astype(object).ravel()
+                     * pow(2, self.w * d, q)) % q
+        coeffs = total.astype(np.uint64).reshape(rows.shape[0], self.samples)
+        ntt = self._small(coeffs, q).sum(axis=1) * 2 >= self.samples
+        return raw | ntt
+
+
+# -- what the plan expects --------------------------------------------------------------------
+@dataclass
+class Expect:
+    """Everything the checks compare with, derived once per plan in a worker."""
+
+    version: tuple[int, int]
+    n: int
+    key_primes: list[int]  # all primes, the key level's order
+    key_parms_id: bytes
+    input_parms_id: bytes  # the top data level
+    input_primes: int
+    input_scale: float
+    short: ShortTest
+    level_parms_ids: list[bytes]  # index = level: 0 (last data prime) .. top, then key level
+
+    @classmethod
+    def of_backend(cls, be, input_scale: float) -> Expect:
+        """From the backend's `seal_layout()` (the server evaluates with TenSEAL)."""
+        lay = be.seal_layout()
+        levels = lay["level_parms_ids"]
+        top = len(levels) - 2
+        primes = list(lay["key_primes"])
+        return cls(tuple(lay["version"]), lay["n"], primes, levels[-1], levels[top], top + 1,
+                   float(input_scale), ShortTest(lay["n"], primes), levels)
+
+
+# -- reading ----------------------------------------------------------------------------------
+class _Bad(Exception):
+    """A field that does not match; becomes an ApiError with `code`, or the caller's
+    malformed_* code when None."""
+
+    def __init__(self, detail: str, code: str | None = None):
+        super().__init__(detail)
+        self.code = code
+
+
+class Reader:
+    def __init__(self, data: bytes | memoryview):
+        self.mv = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.mv):
+            raise _Bad(f"truncated in {what}")
+        out = self.mv[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u64(self, what: str) -> int:
+        return U64.unpack(self.take(8, what))[0]
+
+    def left(self) -> int:
+        return len(self.mv) - self.pos
+
+
+def _header(r: Reader, e: Expect, what: str) -> tuple[int, int]:
+    """Check a SEAL header; returns (compression, declared total size)."""
+    magic, hsize, major, minor, compr, reserved, size = HEADER.unpack(r.take(16, what))
+    if magic != SEAL_MAGIC or hsize != 16:
+        raise _Bad(f"{what}: no SEAL header")
+    if (major, minor) != e.version:
+        raise _Bad(f"{what}: written by SEAL {major}.{minor}, this server runs SEAL "
+                   f"{e.version[0]}.{e.version[1]} (the spec's `backend`)", "params_mismatch")
+    if compr not in (0, 1, 2) or reserved != 0:
+        raise _Bad(f"{what}: SEAL header with compression {compr}, reserved {reserved}")
+    return compr, size
+
+
+def decompress(data: bytes | memoryview, e: Expect, limit: int, what: str) -> memoryview:
+    """The members of a top-level SEAL object, decompressed to at most `limit` bytes."""
+    r = Reader(data)
+    compr, size = _header(r, e, what)
+    if size != len(data):
+        raise _Bad(f"{what}: the SEAL header announces {size:,} bytes, the section has "
+                   f"{len(data):,}")
+    body = bytes(r.take(r.left(), what))
+    try:
+        if compr == 0:
+            out = body
+        elif compr == 1:
+            d = zlib.decompressobj()
+            out = d.decompress(body, limit + 1)
+            if not d.eof or d.unused_data:
+                raise _Bad(f"{what}: zlib stream incomplete or over {limit:,} bytes")
+        else:
+            import zstandard
+
+            out = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read(limit + 1)
+    except _Bad:
+        raise
+    except Exception as exc:  # zlib.error, zstandard.ZstdError: corrupt streams
+        raise _Bad(f"{what}: compressed data is corrupt ({type(exc).__name__})") from None
+    if len(out) > limit:
+        raise _Bad(f"{what}: decompresses to more than the {limit:,} bytes the plan allows")
+    return memoryview(out)
+
+
+def _dynarray(r: Reader, e: Expect, count_ok: tuple[int, ...], what: str) -> np.ndarray:
+    compr, size = _header(r, e, f"{what} data")
+    if compr != 0:
+        raise _Bad(f"{what}: nested data must be uncompressed")
+    count = r.u64(f"{what} data count")
+    if count not in count_ok:
+        raise _Bad(f"{what}: {count:,} data words, expected one of {sorted(count_ok)}")
+    if size != 16 + 8 + 8 * count:
+        raise _Bad(f"{what}: data header announces {size:,} bytes for {count:,} words")
+    return np.frombuffer(r.take(8 * count, f"{what} data"), dtype="<u8")
+
+
+def _prng_info(r: Reader, e: Expect, what: str) -> None:
+    compr, size = _header(r, e, f"{what} seed")
+    if compr != 0 or size != PRNG_INFO_SIZE:
+        raise _Bad(f"{what}: malformed seed record")
+    if r.take(1, f"{what} seed")[0] not in PRNG_TYPES:
+        raise _Bad(f"{what}: unknown PRNG type")
+    r.take(64, f"{what} seed")
+
+
+def _ciphertext(r: Reader, e: Expect, *, parms_id: bytes, k: int, scale: float,
+                what: str) -> np.ndarray:
+    """Ciphertext members (after its header); returns stored words as (polys, k, N)."""
+    pid, ntt, size, n, kk, sc, corr = CT_META.unpack(r.take(CT_META.size, what))
+    if pid != parms_id:
+        if pid in e.level_parms_ids:
+            raise _Bad(f"{what}: at level {e.level_parms_ids.index(pid)}, expected a fresh one "
+                       f"at level {e.level_parms_ids.index(parms_id)}")
+        raise _Bad(f"{what}: parms_id is none of the plan's: made for other parameters",
+                   "params_mismatch")
+    if ntt != 1:
+        raise _Bad(f"{what}: not in NTT form (flag {ntt})")
+    if size != 2:
+        raise _Bad(f"{what}: size {size}, expected 2")
+    if n != e.n or kk != k:
+        raise _Bad(f"{what}: ring degree {n} with {kk} primes, expected {e.n} with {k}",
+                   "params_mismatch")
+    if struct.pack("<d", sc) != struct.pack("<d", scale):
+        raise _Bad(f"{what}: scale {sc!r} is not exactly {scale!r}")
+    if corr != 1:
+        raise _Bad(f"{what}: correction factor {corr}, expected 1")
+    full = 2 * n * k
+    words = _dynarray(r, e, (full, full // 2), what)
+    if len(words) == full // 2:
+        _prng_info(r, e, what)
+    arr = words.reshape(-1, k, n)
+    primes = np.array(e.key_primes[:k], dtype=np.uint64)  # data levels drop primes from the end
+    if (arr.max(axis=2) >= primes[None, :]).any():
+        raise _Bad(f"{what}: a coefficient is not reduced modulo its prime")
+    return arr
+
+
+def _expect_short_free(e: Expect, arrays: list[np.ndarray], k: int, what: str) -> None:
+    primes = e.key_primes[:k]
+    if not arrays:
+        return
+    allw = np.concatenate([a.reshape(-1, k, e.n) for a in arrays])
+    for j, q in enumerate(primes):
+        rows = np.ascontiguousarray(allw[:, j, :])
+        if e.short.short_rows(rows, q).any():
+            raise ApiError("secret_key_refused",
+                           f"{what} holds a short polynomial (ternary or small coefficients, "
+                           "as in a secret key or a zero polynomial) where only uniformly random "
+                           "ones belong; a secret key never leaves the client")
+
+
+# -- entry points -----------------------------------------------------------------------------
+def ciphertext_limit(e: Expect, k: int) -> int:
+    return CT_META.size + 24 + 16 * e.n * k + PRNG_INFO_SIZE
+
+
+def check_ciphertext(data: bytes, e: Expect, index: int) -> None:
+    """A predict input: exact fields, then the structural secret-key test. Raises ApiError."""
+    what = f"ciphertext {index}"
+    try:
+        members = decompress(data, e, ciphertext_limit(e, e.input_primes), what)
+        r = Reader(members)
+        arr = _ciphertext(r, e, parms_id=e.input_parms_id, k=e.input_primes,
+                          scale=e.input_scale, what=what)
+        if r.left():
+            raise _Bad(f"{what}: {r.left()} trailing bytes")
+    except _Bad as bad:
+        _maybe_secret_key(data, e, what)
+        raise ApiError(bad.code or "malformed_ciphertext", str(bad)) from None
+    _expect_short_free(e, [arr], e.input_primes, what)
+
+
+def _public_key_members(r: Reader, e: Expect, what: str) -> np.ndarray:
+    k = len(e.key_primes)
+    return _ciphertext(r, e, parms_id=e.key_parms_id, k=k, scale=1.0, what=what)
+
+
+def check_key_section(data: bytes, e: Expect, kind: str, limit: int) -> None:
+    """One EVAL_KEYS section (RELIN_KEYS, GALOIS_KEYS or PUBLIC_KEY); raises ApiError."""
+    what = f"the {kind} section"
+    k = len(e.key_primes)
+    arrays: list[np.ndarray] = []
+    try:
+        members = decompress(data, e, limit, what)
+        r = Reader(members)
+        if kind == "PUBLIC_KEY":
+            arrays.append(_public_key_members(r, e, what))
+        else:
+            if bytes(r.take(32, what)) != e.key_parms_id:
+                raise _Bad(f"{what}: parms_id is not the plan's key level: made for other "
+                           "parameters", "params_mismatch")
+            dim1 = r.u64(what)
+            if not 1 <= dim1 <= e.n:
+                raise _Bad(f"{what}: {dim1} key slots")
+            for i in range(dim1):
+                dim2 = r.u64(what)
+                if dim2 not in (0, k - 1):
+                    raise _Bad(f"{what}: key {i} has {dim2} parts, expected {k - 1}")
+                for j in range(dim2):
+                    part = f"{what} key {i} part {j}"
+                    compr, size = _header(r, e, part)
+                    start = r.pos - 16
+                    if compr != 0:
+                        raise _Bad(f"{part}: nested keys must be uncompressed")
+                    arrays.append(_public_key_members(r, e, part))
+                    if r.pos - start != size:
+                        raise _Bad(f"{part}: header announces {size:,} bytes, holds "
+                                   f"{r.pos - start:,}")
+        if r.left():
+            raise _Bad(f"{what}: {r.left()} trailing bytes")
+    except _Bad as bad:
+        _maybe_secret_key(data, e, what)
+        raise ApiError(bad.code or "malformed_keys", str(bad)) from None
+    _expect_short_free(e, arrays, k, what)
+
+
+def _maybe_secret_key(data: bytes, e: Expect, what: str) -> None:
+    """A section that is not what it claims may be a SecretKey (a Plaintext over all primes):
+    say so when its data is short."""
+    k = len(e.key_primes)
+    try:
+        members = decompress(data, e, PT_META.size + 24 + 8 * e.n * k, what)
+        r = Reader(members)
+        pid, count, _scale = PT_META.unpack(r.take(PT_META.size, what))
+        words = _dynarray(r, e, (count,), what)
+        if count != e.n * k or r.left() or int(words.max()) >= max(e.key_primes):
+            return
+    except _Bad:
+        return
+    _expect_short_free(e, [words], k, what)
+
+
+def key_members_limit(e: Expect, kind: str, n_steps: int) -> int:
+    """Decompressed bound of a key section from the plan (no bombs): one public key, or key
+    switching keys for the plan's steps plus 64 more (clients may key extra steps; the upload
+    size limit bounds them too)."""
+    k = len(e.key_primes)
+    key = (k - 1) * (16 + ciphertext_limit(e, k))
+    if kind == "PUBLIC_KEY":
+        return ciphertext_limit(e, k)
+    return 40 + 8 * e.n + (n_steps + 64) * key

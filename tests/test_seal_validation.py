@@ -1,0 +1,294 @@
+"""Exact validation before SEAL and secret-key refusal by structure, over HTTP against a real
+`heinfer serve` (issue #12, items 1 and 3): each SEAL field the server relies on, mutated alone
+in a real ciphertext or key set (tests/seal_mutate.py), answers a 4xx with its code and one log
+line; a secret key hidden in any polynomial of any object is refused and not kept; bad plan
+uploads are invalid_plan; a full disk is 507; leftovers of a kill -9 are overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from heinfer import wire
+from heinfer_client.keys import LocalKeys
+from heinfer_client.local import LocalServer
+from tests import seal_mutate as sm
+from tests.test_server_support import (
+    ADMIN,
+    ALICE,
+    ct_body,
+    http,
+    new_session,
+    post_keys,
+    post_predict,
+    problem,
+    running_server,
+    server_env,
+    spec_of,
+    tiny_plan,
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sealval")
+    with running_server(d, [tiny_plan(d / "plans")]) as srv:
+        alice = http(srv.url, ALICE)
+        keys = LocalKeys(spec_of(alice, "tiny"))
+        sid = new_session(alice, "tiny", keys)
+        be = keys.backend
+        primes = [m.value() for m in be.context.key_context_data().parms().coeff_modulus()]
+        levels, data = [], be.context.first_context_data()
+        while data is not None:
+            levels.append(struct.pack("<4Q", *data.parms_id()))
+            data = data.next_context_data()
+        good = keys.eval_keys_wire()
+        relin, galois = wire.payloads(good, wire.parse_header(good))
+        yield {"srv": srv, "alice": alice, "keys": keys, "sid": sid, "primes": primes,
+               "levels": levels, "relin": relin, "galois": galois, "dir": d,
+               "sk": sm.secret_key_words(keys.secret_key_bytes())}
+        alice.close()
+
+
+def _ct(env) -> bytes:
+    return wire.payloads(b := ct_body(env["keys"], np.zeros((1, 6, 6))), wire.parse_header(b))[0]
+
+
+def _predict(env, item: bytes) -> httpx.Response:
+    return post_predict(env["alice"], "tiny", env["sid"], wire.encode_ciphertexts([item]))
+
+
+# -- predict: every field exact ---------------------------------------------------------------
+def _mutations(env) -> list[tuple[str, bytes, int, str]]:
+    ct = _ct(env)
+    m = sm.members(ct)
+    scale = sm.get_field(m, "scale")
+    n, k = sm.get_field(m, "degree"), sm.get_field(m, "primes")
+    out = [("uncompressed copy (control)", sm.pack(m), 200, "")]
+    for name, value, code in [
+        ("size", 0, "malformed_ciphertext"), ("size", 3, "malformed_ciphertext"),
+        ("scale", float(np.nextafter(scale, np.inf)), "malformed_ciphertext"),
+        ("scale", float(np.nextafter(scale, 0)), "malformed_ciphertext"),
+        ("scale", float("nan"), "malformed_ciphertext"),
+        ("ntt", 0, "malformed_ciphertext"), ("correction", 2, "malformed_ciphertext"),
+        ("degree", n // 2, "params_mismatch"), ("primes", k - 1, "params_mismatch"),
+        ("parms_id", env["levels"][1], "malformed_ciphertext"),  # one level down
+        ("parms_id", os.urandom(32), "params_mismatch"),
+        ("data_count", 0, "malformed_ciphertext"),
+    ]:
+        out.append((f"{name}={value!r}", sm.ciphertext(ct, **{name: value}), 400, code))
+    out.append(("SEAL 4.1 header", sm.pack(m, version=(4, 1)), 400, "params_mismatch"))
+    out.append(("truncated", sm.pack(m[:-9]), 400, "malformed_ciphertext"))
+    out.append(("trailing byte", sm.pack(m + b"\0"), 400, "malformed_ciphertext"))
+    out.append(("corrupt zstd", ct[:40] + bytes(len(ct) - 40), 400, "malformed_ciphertext"))
+    out.append(("zlib junk", sm.pack(b"\x78\x9c" + os.urandom(64), compr=1), 400,
+                "malformed_ciphertext"))
+    unreduced = sm.write_words(bytearray(m), sm.DATA_WORDS, np.array([env["primes"][0]]))
+    out.append(("coefficient = q", sm.pack(unreduced), 400, "malformed_ciphertext"))
+    # a secret key's words (its first k primes) written over the stored polynomial
+    hidden = sm.write_words(bytearray(m), sm.DATA_WORDS, env["sk"][: k * n])
+    out.append(("secret key as c0", sm.pack(hidden), 400, "secret_key_refused"))
+    one = sm.write_words(bytearray(m), sm.DATA_WORDS + 8 * n, env["sk"][n : 2 * n])
+    out.append(("secret key in one RNS component", sm.pack(one, compr=2), 400,
+                "secret_key_refused"))
+    zero = sm.write_words(bytearray(m), sm.DATA_WORDS, np.zeros(n * k, np.uint64))
+    out.append(("zero c0", sm.pack(zero), 400, "secret_key_refused"))
+    return out
+
+
+def test_predict_ciphertext_fields_are_checked_exactly(env):
+    for what, item, status, code in _mutations(env):
+        r = _predict(env, item)
+        if status == 200:
+            assert r.status_code == 200, (what, r.text)
+        else:
+            assert problem(r, status, code), what
+
+
+# -- keys: every field exact, every polynomial not short -------------------------------------
+def _keys_body(relin: bytes, galois: bytes | None = None, public: bytes | None = None) -> bytes:
+    sections = [(wire.Section.RELIN_KEYS, relin)]
+    if galois is not None:
+        sections.append((wire.Section.GALOIS_KEYS, galois))
+    if public is not None:
+        sections.append((wire.Section.PUBLIC_KEY, public))
+    return wire.encode(wire.Kind.EVAL_KEYS, sections)
+
+
+def test_key_fields_are_checked_exactly_and_secret_keys_refused_by_structure(env):
+    alice, relin, galois, sk = env["alice"], env["relin"], env["galois"], env["sk"]
+    n, kk = env["keys"].spec.params.poly_modulus_degree, len(env["primes"])
+    before = alice.get("/v1/sessions").json()
+    rm = sm.members(relin)
+    parts = sm.key_parts(rm)
+    assert len(parts) == kk - 1 and parts[0].count == n * kk  # seeded: one polynomial each
+
+    ok = post_keys(alice, "tiny", _keys_body(sm.pack(rm), galois))
+    assert ok.status_code == 201, ok.text  # an uncompressed copy is fine (control)
+    alice.delete(f"/v1/sessions/{ok.json()['session_id']}")
+
+    first_size0 = sm.set_field(bytearray(rm), "size", 0, parts[0].base)
+    problem(post_keys(alice, "tiny", _keys_body(sm.pack(first_size0), galois)), 400,
+            "malformed_keys")
+    scale2 = sm.set_field(bytearray(rm), "scale", 2.0, parts[1].base)
+    problem(post_keys(alice, "tiny", _keys_body(sm.pack(scale2), galois)), 400,
+            "malformed_keys")
+    # the issue's case: a secret key over the last polynomial of uncompressed relin keys
+    last = sm.write_words(bytearray(rm), parts[-1].words, sk)
+    body = problem(post_keys(alice, "tiny", _keys_body(sm.pack(last), galois)), 400,
+                   "secret_key_refused")
+    assert "short polynomial" in body["detail"]
+    # one RNS component only, compressed as SEAL does
+    one = sm.write_words(bytearray(rm), parts[1].words + 8 * n * 2, sk[2 * n : 3 * n])
+    problem(post_keys(alice, "tiny", _keys_body(sm.pack(one, compr=2), galois)), 400,
+            "secret_key_refused")
+    # inside the Galois keys
+    gm = sm.members(galois)
+    gparts = sm.key_parts(gm)
+    hidden = sm.write_words(bytearray(gm), gparts[len(gparts) // 2].words, sk)
+    problem(post_keys(alice, "tiny", _keys_body(relin, sm.pack(hidden))), 400,
+            "secret_key_refused")
+    # a PUBLIC_KEY section carrying it (a public key is a ciphertext at the key level)
+    pk = bytearray(rm[parts[0].header + 16 : parts[1].header])
+    ok_pk = post_keys(alice, "tiny", _keys_body(relin, galois, sm.pack(pk)))
+    assert ok_pk.status_code == 201, ok_pk.text  # a real public-key-shaped object passes
+    alice.delete(f"/v1/sessions/{ok_pk.json()['session_id']}")
+    pk_sk = sm.write_words(bytearray(pk), sm.DATA_WORDS, sk)
+    problem(post_keys(alice, "tiny", _keys_body(relin, galois, sm.pack(pk_sk))), 400,
+            "secret_key_refused")
+    # a bare SecretKey in any section
+    problem(post_keys(alice, "tiny", _keys_body(env["keys"].secret_key_bytes(), galois)), 400,
+            "secret_key_refused")
+    # nothing of the refused uploads is kept
+    assert alice.get("/v1/sessions").json() == before
+    assert os.listdir(env["srv"].data_dir / "tmp") == []
+
+
+def test_client_errors_log_one_line_without_traceback(env):
+    _predict(env, sm.ciphertext(_ct(env), size=0))
+    log = env["srv"].log(2_000_000)
+    assert "Traceback" not in log and '"exc"' not in log
+    lines = [json.loads(ln) for ln in log.splitlines() if ln.startswith("{")]
+    bad = [ln for ln in lines if ln.get("status") == 400]
+    assert bad and all(ln.get("request_id") for ln in bad)
+
+
+# -- plan uploads -----------------------------------------------------------------------------
+def test_plan_uploads_are_read_strictly(env):
+    admin = http(env["srv"].url, ADMIN)
+    plan = env["dir"] / "plans" / "tiny.plan.json"
+    js, npz = plan.read_bytes(), plan.with_suffix(".npz").read_bytes()
+    doc = json.loads(js)
+
+    def upload(j: bytes, z: bytes) -> dict:
+        r = admin.post("/v1/models", params={"name": "strict"},
+                       files={"plan_json": j, "plan_npz": z})
+        body = problem(r, 400, "invalid_plan")
+        assert str(env["srv"].data_dir) not in body["detail"] and "/tmp" not in body["detail"]
+        return body
+
+    assert "UTF-8" in upload(b"\xff\xfe{" + js, npz)["detail"]
+    assert "npz" in upload(js, b"PK\x03\x04" + os.urandom(200))["detail"]
+    assert "npz" in upload(js, os.urandom(300))["detail"]
+    for const in ("NaN", "Infinity", "-Infinity"):
+        doc2 = dict(doc, metadata={**doc.get("metadata", {}), "normalization":
+                                   {"mean": "X", "std": 0.25}})
+        text = json.dumps(doc2).replace('"X"', const).encode()
+        assert const in upload(text, npz)["detail"]
+    import io
+
+    arrays = dict(np.load(io.BytesIO(npz)))
+    name = next(k for k, a in arrays.items() if a.dtype.kind == "f")
+    arrays[name] = arrays[name].copy()
+    arrays[name].flat[0] = np.inf
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    assert "NaN or Infinity" in upload(js, buf.getvalue())["detail"]
+    assert admin.get("/v1/models/strict").status_code == 404
+
+
+# -- a full disk is 507 -----------------------------------------------------------------------
+def _small_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def test_key_upload_on_a_full_disk_is_507(tmp_path):
+    data = tmp_path / "data"
+    if not _small_tmpfs(data / "tmp", "256k"):
+        pytest.skip("needs root to mount a small tmpfs for the upload folder")
+    try:
+        with running_server(tmp_path, [tiny_plan(tmp_path / "plans")]) as srv:
+            alice = http(srv.url, ALICE)
+            keys = LocalKeys(spec_of(alice, "tiny"))
+            r = post_keys(alice, "tiny", keys.eval_keys_wire())
+            body = problem(r, 507, "insufficient_storage")
+            assert "Errno" not in body["detail"]
+            assert "Traceback" not in srv.log(200_000)
+            assert os.listdir(data / "tmp") == []  # the partial upload is gone
+            assert alice.get("/v1/health/live").status_code == 200
+    finally:
+        subprocess.run(["umount", "-l", str(data / "tmp")], capture_output=True)
+
+
+# -- kill -9: refused or unfinished uploads are overwritten at the next start -----------------
+def test_upload_left_by_kill_9_is_overwritten_at_next_start(tmp_path):
+    plan = tiny_plan(tmp_path / "plans")
+    srv = LocalServer(tmp_path / "data", env=server_env(), args=["--plan", str(plan)])
+    srv.start()
+    try:
+        alice = http(srv.url, ALICE)
+        keys = LocalKeys(spec_of(alice, "tiny"))
+        secret = keys.secret_key_bytes()
+        body = _keys_body(secret + bytes(4096))  # never complete: the server is killed first
+        started = threading.Event()
+
+        def slow():
+            yield body[: len(body) // 2]
+            started.set()
+            time.sleep(30)
+            yield body[len(body) // 2 :]
+
+        t = threading.Thread(target=lambda: _swallow(post_keys, alice, "tiny", slow()),
+                             daemon=True)
+        t.start()
+        assert started.wait(10)
+        tmp = srv.data_dir / "tmp"
+        deadline = time.monotonic() + 10
+        while not any(tmp.glob("*.upload")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = next(tmp.glob("*.upload"))
+        time.sleep(0.3)  # the first half is on disk
+        srv.kill()
+        witness = tmp_path / "witness"  # a second name for the same bytes
+        os.link(left, witness)
+        assert secret[:4096] in witness.read_bytes()
+        srv = LocalServer(tmp_path / "data", env=server_env(), port=srv.port,
+                          args=["--plan", str(plan)])
+        srv.start()
+        assert not left.exists()
+        data = witness.read_bytes()
+        assert data and data == bytes(len(data))  # overwritten with zeros before the unlink
+    finally:
+        srv.stop()
+
+
+def _swallow(fn, *args) -> None:
+    try:
+        fn(*args)
+    except httpx.HTTPError:
+        pass
