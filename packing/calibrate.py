@@ -21,6 +21,7 @@ import numpy as np
 
 from heinfer.backends import make_backend
 from heinfer.params import CKKSParams
+from heinfer.progress import Progress
 
 
 def cache_dir() -> Path:
@@ -30,6 +31,12 @@ def cache_dir() -> Path:
 def calibration_path(params: CKKSParams) -> Path:
     bits = "-".join(map(str, params.coeff_mod_bits))
     return cache_dir() / "calibration" / f"{params.poly_modulus_degree}-{bits}.json"
+
+
+def calibrate_command(params: CKKSParams) -> str:
+    """The exact command that calibrates this machine for `params` (what reports suggest)."""
+    return (f"python -m heinfer_packing.calibrate --n {params.poly_modulus_degree} --bits "
+            f"{','.join(map(str, params.coeff_mod_bits))} --scale-bits {params.scale_bits}")
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -66,18 +73,22 @@ def _measure_level(be, ct, x: np.ndarray, level: int, repeat: int) -> dict[str, 
     return {k: max(v, 1e-4) for k, v in out.items()}
 
 
-def calibrate(params: CKKSParams, repeat: int = 9) -> dict:
+def calibrate(params: CKKSParams, repeat: int = 9, progress: bool = False) -> dict:
+    """Measure every operation at every level; `progress`: report the levels on stderr."""
     be = make_backend(params)
     keys = be.generate_keys([1])
     x = np.random.default_rng(0).normal(size=be.slots) * 0.1
     costs: dict[str, dict[str, float]] = {}
     ct = be.encrypt(x)
-    for level in range(params.top_level, -1, -1):
-        for op, ms in _measure_level(be, ct, x, level, repeat).items():
-            costs.setdefault(op, {})[str(level)] = ms
-        if level > 0:
-            ct = be.multiply_plain(ct, be.encode(x, level, be.prime(level)))
-            be.rescale_inplace(ct)
+    with Progress(params.top_level + 1, f"calibrating {params.describe()}", unit="levels",
+                  disable=not progress) as bar:
+        for level in range(params.top_level, -1, -1):
+            for op, ms in _measure_level(be, ct, x, level, repeat).items():
+                costs.setdefault(op, {})[str(level)] = ms
+            if level > 0:
+                ct = be.multiply_plain(ct, be.encode(x, level, be.prime(level)))
+                be.rescale_inplace(ct)
+            bar.update()
     fresh = be.encrypt_to_bytes(x)
     costs["deserialize_fresh"] = {str(params.top_level): _median_ms(
         lambda: be.ciphertext_from_bytes(fresh), repeat)}
@@ -90,26 +101,32 @@ def calibrate(params: CKKSParams, repeat: int = 9) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"), "repeat": repeat}
 
 
-def load_or_calibrate(params: CKKSParams, refresh: bool = False) -> dict:
+def load_or_calibrate(params: CKKSParams, refresh: bool = False,
+                      progress: bool = False) -> dict:
     path = calibration_path(params)
     if path.exists() and not refresh:
         return json.loads(path.read_text())
-    data = calibrate(params)
+    data = calibrate(params, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_params(argv: list[str] | None = None) -> CKKSParams:
+    """The parameters named on the command line (what `calibrate_command` writes)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--bits", default="36,29,29,29,29,29,36")
     ap.add_argument("--scale-bits", type=int, default=29)
     args = ap.parse_args(argv)
-    params = CKKSParams(poly_modulus_degree=args.n,
-                        coeff_mod_bits=[int(b) for b in args.bits.split(",")],
-                        scale_bits=args.scale_bits)
-    data = load_or_calibrate(params, refresh=True)
+    return CKKSParams(poly_modulus_degree=args.n,
+                      coeff_mod_bits=[int(b) for b in args.bits.split(",")],
+                      scale_bits=args.scale_bits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    params = parse_params(argv)
+    data = load_or_calibrate(params, refresh=True, progress=True)
     print(f"calibration for {params.describe()} -> {calibration_path(params)}")
     for op, by_level in data["ms"].items():
         print(f"  {op:<15}" + "  ".join(f"L{lv}: {ms:.3f}" for lv, ms in by_level.items()))

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from heinfer.errors import ModelFormatError
+from heinfer.names import MODEL_NAME_RE, is_model_name, to_model_name
+from heinfer.progress import Phase
 from heinfer_packing.calibrate import calibration_path, load_or_calibrate
 from heinfer_packing.keys import apply_key_budget
 from heinfer_packing.lower import lower
@@ -43,6 +46,28 @@ def _load(source: str):
     return zoo.load(source)
 
 
+def plan_name(name: str, chosen: str | None) -> str:
+    """The name the plan is served under: `--name` as given (checked), else the model's own
+    name made acceptable (netB.onnx -> netb), said aloud when changed."""
+    import sys
+
+    if chosen is not None:
+        if not is_model_name(chosen):
+            raise ModelFormatError(f"--name {chosen!r}: a model name must match "
+                                   f"{MODEL_NAME_RE.pattern} (lowercase letters, digits, '.', "
+                                   "'_', '-'; at most 64 characters)")
+        return chosen
+    if is_model_name(name):
+        return name
+    fixed = to_model_name(name)
+    if not fixed:
+        raise ModelFormatError(f"model name {name!r} has no character a served name can use: "
+                               "give one with --name (e.g. --name my-model)")
+    print(f"heinfer-compile: plan named {fixed!r} (model name {name!r}: served names are "
+          f"lowercase, {MODEL_NAME_RE.pattern}); choose another with --name", file=sys.stderr)
+    return fixed
+
+
 def _compile_conformal(net, args) -> int:
     from heinfer_models import fashion_mnist
     from heinfer_packing.conformal import lower_conformal
@@ -53,7 +78,7 @@ def _compile_conformal(net, args) -> int:
         calib = fashion_mnist.normalize(images[: args.calib_fmnist])
     plan, col = lower_conformal(net, net.metadata.get("name", "conformal"),
                                 net.metadata.get("labels"), calib_x=calib)
-    cal = load_or_calibrate(plan.params) if (
+    cal = load_or_calibrate(plan.params, progress=not args.no_progress) if (
         args.calibrate or calibration_path(plan.params).exists()) else None
     if args.max_keys is not None or args.max_key_mb is not None:
         plan = apply_key_budget(plan, args.max_keys, calibration=cal, max_key_mb=args.max_key_mb)
@@ -72,6 +97,9 @@ def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="heinfer-compile", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="model directory (model.json + weights.npz) or zoo name")
     ap.add_argument("--out", help="plan path prefix (writes PREFIX.plan.json/.npz/.report.txt)")
+    ap.add_argument("--name", help="model name in the plan, served under it: lowercase letters, "
+                    "digits, '.', '_', '-' (default: the model's name, lowercased and with "
+                    "other characters made '-')")
     ap.add_argument("--first-conv", default="im2col", choices=["im2col", "rotation"])
     ap.add_argument("--calibrate", action="store_true",
                     help="measure per-operation costs on this machine if not cached")
@@ -104,12 +132,19 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-upload-kb", type=float, help="limit per image for --objective")
     ap.add_argument("--max-memory-gb", type=float, help="limit for --objective (estimated)")
     ap.add_argument("--max-latency-ms", type=float, help="limit for --objective")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress on stderr (bar on a terminal, plain lines when piped)")
     args = ap.parse_args(argv)
+    show = not args.no_progress
+    if args.name is not None:  # a wrong --name fails before any work
+        plan_name(args.name, args.name)
     model = _load(args.model)
     from heinfer_packing.conformal import ConformalNet
 
     if isinstance(model, ConformalNet):
+        model.metadata["name"] = plan_name(model.metadata.get("name", "conformal"), args.name)
         return _compile_conformal(model, args)
+    model.name = plan_name(model.name, args.name)
     calib_x = calib_y = None
     if args.calib_npz:
         with np.load(args.calib_npz) as data:
@@ -120,11 +155,15 @@ def _main(argv: list[str] | None = None) -> int:
         images, labels = fashion_mnist.load("train")
         calib_x = fashion_mnist.normalize(images[: args.calib_fmnist])
         calib_y = labels[: args.calib_fmnist]
-    model, records = rewrite(model, calib_x, calib_y, degree=args.degree)
+    with Phase(f"rewriting {model.name} for HE" + (f" (fitting on {len(calib_x)} images)"
+                                                   if calib_x is not None else ""),
+               disable=not show):
+        model, records = rewrite(model, calib_x, calib_y, degree=args.degree)
     rewrites_text = format_records(records)
     print(f"HE-friendly rewrites of {model.name}:\n{rewrites_text}\n")
     if args.objective:
-        cands = candidates(model, max_keys=args.max_keys, max_key_mb=args.max_key_mb)
+        cands = candidates(model, max_keys=args.max_keys, max_key_mb=args.max_key_mb,
+                           progress=show)
         best = choose(cands, args.objective, args.max_key_mb, args.max_upload_kb,
                       args.max_memory_gb, precise=args.precise,
                       max_latency_ms=args.max_latency_ms, max_keys=args.max_keys)
@@ -132,13 +171,15 @@ def _main(argv: list[str] | None = None) -> int:
         rewrites_text += f"\n\nobjective {args.objective}:\n{trade_off_table(cands, best)}"
         plan = best.plan
     else:
-        plan = lower(model, first_conv=args.first_conv,
-                     final_rescale=True if args.precise else None, scale_bits=args.scale_bits,
-                     compact={"auto": None, "always": True, "interleaved": "interleaved",
-                              "never": False}[args.compact])
+        with Phase(f"planning {model.name}", disable=not show):
+            plan = lower(model, first_conv=args.first_conv,
+                         final_rescale=True if args.precise else None,
+                         scale_bits=args.scale_bits,
+                         compact={"auto": None, "always": True, "interleaved": "interleaved",
+                                  "never": False}[args.compact])
     cal = None
     if args.calibrate or calibration_path(plan.params).exists():
-        cal = load_or_calibrate(plan.params)
+        cal = load_or_calibrate(plan.params, progress=show)
     if not args.objective and (args.max_keys is not None or args.max_key_mb is not None):
         plan = apply_key_budget(plan, args.max_keys, calibration=cal,
                                 max_key_mb=args.max_key_mb)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from heinfer.errors import KeyBudgetError
 from heinfer.plan import Plan
 from heinfer.rotations import power_of_two_keys
+from heinfer_packing.calibrate import calibrate_command
 
 
 def keys_for_mb(max_key_mb: float, calibration: dict) -> int:
@@ -31,8 +32,8 @@ def apply_key_budget(plan: Plan, max_keys: int | None = None, keys: list[int] | 
         if calibration is None:
             raise KeyBudgetError(
                 f"a key-size limit needs the key sizes of {plan.params.describe()}: calibrate "
-                "this machine first (heinfer-compile --calibrate, or python -m "
-                "heinfer_packing.calibrate), or give a key count (--max-keys)")
+                f"this machine first (heinfer-compile --calibrate, or "
+                f"`{calibrate_command(plan.params)}`), or give a key count (--max-keys)")
         fit = keys_for_mb(max_key_mb, calibration)
         max_keys = fit if max_keys is None else min(max_keys, fit)
     rotate_ms = calibration["ms"].get("rotate") if calibration else None

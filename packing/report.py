@@ -14,6 +14,7 @@ from heinfer.backends.counting import CountingBackend
 from heinfer.backends.symbolic import SymbolicBackend
 from heinfer.plan import CompiledPlan, Plan
 from heinfer.rotations import RotationKeys
+from heinfer_packing.calibrate import calibrate_command
 
 
 @dataclass
@@ -123,8 +124,9 @@ class PlanReport:
                              f"multiplies + log2(width) rotations per linear layer): HE time "
                              f"predicted at {he / bound:.1f}x the bound")
         else:
-            lines.append("no calibration for these parameters: run "
-                         "`python -m heinfer_packing.calibrate` for predicted times and sizes")
+            lines.append("no calibration for these parameters: for predicted times and sizes "
+                         f"run `{calibrate_command(p.params)}` (or compile again with "
+                         "--calibrate)")
         return "\n".join(lines)
 
 

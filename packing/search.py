@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from heinfer.errors import ModelFormatError
 from heinfer.plan import Plan
+from heinfer.progress import Progress
 from heinfer_packing.calibrate import load_or_calibrate
 from heinfer_packing.keys import budget_variants
 from heinfer_packing.lower import lower
@@ -83,25 +84,28 @@ def _n_ct(layout_text: str) -> int:
 
 
 def candidates(model: Model, calibrate: bool = True, max_keys: int | None = None,
-               max_key_mb: float | None = None) -> list[Candidate]:
+               max_key_mb: float | None = None, progress: bool = False) -> list[Candidate]:
     """Every packing, and for each one that rotates its key-budget variants (named
     "PACKING, N keys" or "PACKING, pow2 keys"); `max_keys` and `max_key_mb` add the variant
-    with as many keys as they allow."""
+    with as many keys as they allow. `progress`: report the packings on stderr."""
     out = []
     has_conv = any(layer.op == "conv2d" for layer in model.layers[:1])
-    for first_conv in (("im2col", "rotation") if has_conv else ("im2col",)):
-        for precise in (False, True):
-            for batch in (False, True):
-                if batch and (first_conv != "im2col" or precise):
-                    continue  # the batch layout ignores the first-conv choice; one variant
-                plan = lower(model, first_conv=first_conv,
-                             final_rescale=True if precise else None, batch=batch)
-                cal = load_or_calibrate(plan.params) if calibrate else None
-                name = ("batch" if batch else first_conv) + (" precise" if precise else "")
-                base = Candidate(name, plan, report(plan, cal))
-                out.append(base)
-                for label, variant in budget_variants(plan, cal, max_keys, max_key_mb):
-                    out.append(Candidate(f"{name}, {label}", variant, report(variant, cal)))
+    # (first_conv, precise, batch); the batch layout ignores the first-conv choice: one variant
+    packings = [(fc, precise, batch)
+                for fc in (("im2col", "rotation") if has_conv else ("im2col",))
+                for precise in (False, True) for batch in (False, True)
+                if not (batch and (fc != "im2col" or precise))]
+    with Progress(len(packings), f"planning and pricing {model.name}", unit="packings",
+                  disable=not progress) as bar:
+        for first_conv, precise, batch in packings:
+            plan = lower(model, first_conv=first_conv, final_rescale=True if precise else None,
+                         batch=batch)
+            cal = load_or_calibrate(plan.params, progress=progress) if calibrate else None
+            name = ("batch" if batch else first_conv) + (" precise" if precise else "")
+            out.append(Candidate(name, plan, report(plan, cal)))
+            for label, variant in budget_variants(plan, cal, max_keys, max_key_mb):
+                out.append(Candidate(f"{name}, {label}", variant, report(variant, cal)))
+            bar.update()
     return out
 
 

@@ -7,7 +7,7 @@ from heinfer_models import zoo
 from heinfer_packing import search
 
 
-def fake_calibration(params):
+def fake_calibration(params, progress: bool = False):
     levels = range(params.top_level + 1)
     ms = {"rotate": {str(lv): 1.0 + lv for lv in levels},
           "multiply_plain": {str(lv): 0.1 + 0.05 * lv for lv in levels},

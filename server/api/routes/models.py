@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 from typing import Annotated
@@ -12,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from heinfer import wire
+from heinfer.names import MODEL_NAME_RE
 from heinfer_server import store as st
 from heinfer_server import workers
 from heinfer_server.api.deps import AdminDep, ApiKeyDep, StateDep
@@ -20,7 +20,7 @@ from heinfer_server.errors import ApiError
 from heinfer_server.state import ServerState
 
 router = APIRouter(prefix="/models", tags=["models"])
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_RE = MODEL_NAME_RE  # heinfer.names: the compiler names plans by the same rule
 
 
 def check_name(name: str) -> str:
