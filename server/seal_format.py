@@ -34,7 +34,6 @@ its prime; a secret key is ternary, an error small.
 
 from __future__ import annotations
 
-import io
 import math
 import secrets
 import struct
@@ -216,25 +215,32 @@ def _header(r: Reader, e: Expect, what: str) -> tuple[int, int]:
 
 
 def decompress(data: bytes | memoryview, e: Expect, limit: int, what: str) -> memoryview:
-    """The members of a top-level SEAL object, decompressed to at most `limit` bytes."""
+    """The members of a top-level SEAL object, decompressed to at most `limit` bytes (read in
+    1 MiB chunks: nothing is allocated for the bound itself)."""
     r = Reader(data)
     compr, size = _header(r, e, what)
     if size != len(data):
         raise _Bad(f"{what}: the SEAL header announces {size:,} bytes, the section has "
                    f"{len(data):,}")
-    body = bytes(r.take(r.left(), what))
+    body = r.take(r.left(), what)
+    if compr == 0:
+        return body
+    out = bytearray()
     try:
-        if compr == 0:
-            out = body
-        elif compr == 1:
+        if compr == 1:
             d = zlib.decompressobj()
-            out = d.decompress(body, limit + 1)
-            if not d.eof or d.unused_data:
-                raise _Bad(f"{what}: zlib stream incomplete or over {limit:,} bytes")
+            out += d.decompress(body, limit + 1)
+            if len(out) <= limit and (not d.eof or d.unused_data):
+                raise _Bad(f"{what}: zlib stream incomplete or followed by other bytes")
         else:
             import zstandard
 
-            out = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read(limit + 1)
+            reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=False)
+            while len(out) <= limit:
+                chunk = reader.read(1 << 20)
+                if not chunk:
+                    break
+                out += chunk
     except _Bad:
         raise
     except Exception as exc:  # zlib.error, zstandard.ZstdError: corrupt streams
@@ -317,19 +323,28 @@ def ciphertext_limit(e: Expect, k: int) -> int:
 
 
 def check_ciphertext(data: bytes, e: Expect, index: int) -> None:
-    """A predict input: exact fields, then the structural secret-key test. Raises ApiError."""
-    what = f"ciphertext {index}"
-    try:
-        members = decompress(data, e, ciphertext_limit(e, e.input_primes), what)
-        r = Reader(members)
-        arr = _ciphertext(r, e, parms_id=e.input_parms_id, k=e.input_primes,
-                          scale=e.input_scale, what=what)
-        if r.left():
-            raise _Bad(f"{what}: {r.left()} trailing bytes")
-    except _Bad as bad:
-        _maybe_secret_key(data, e, what)
-        raise ApiError(bad.code or "malformed_ciphertext", str(bad)) from None
-    _expect_short_free(e, [arr], e.input_primes, what)
+    """One predict input: exact fields, then the structural secret-key test. Raises ApiError."""
+    check_ciphertexts([data], e, first=index)
+
+
+def check_ciphertexts(items: list[bytes], e: Expect, first: int = 0) -> None:
+    """Predict inputs: every field exact, then one short test over all their polynomials (one
+    batch per prime: the test's cost is per call as much as per row)."""
+    arrays = []
+    for i, data in enumerate(items, start=first):
+        what = f"ciphertext {i}"
+        try:
+            members = decompress(data, e, ciphertext_limit(e, e.input_primes), what)
+            r = Reader(members)
+            arrays.append(_ciphertext(r, e, parms_id=e.input_parms_id, k=e.input_primes,
+                                      scale=e.input_scale, what=what))
+            if r.left():
+                raise _Bad(f"{what}: {r.left()} trailing bytes")
+        except _Bad as bad:
+            _maybe_secret_key(data, e, what)
+            raise ApiError(bad.code or "malformed_ciphertext", str(bad)) from None
+    what = f"ciphertext {first}" if len(items) == 1 else "a ciphertext"
+    _expect_short_free(e, arrays, e.input_primes, what)
 
 
 def _public_key_members(r: Reader, e: Expect, what: str) -> np.ndarray:

@@ -277,13 +277,14 @@ def predict(job: PredictJob) -> tuple[bytes, float]:
     items = wire.decode_ciphertexts(body, expected_count=job.n_inputs,
                                     max_item_bytes=job.max_item_bytes)
     params = compiled.plan.params
-    expect = _expect(compiled)
-    cts = []
     for i, data in enumerate(items):
         if not seal_header_ok(data[:16], len(data)):
             raise ApiError("malformed_ciphertext",
                            f"item {i} is not a SEAL object of exactly its section's length")
-        seal_format.check_ciphertext(data, expect, i)  # exact fields, no short polynomial
+    # every field exact and no short polynomial, before SEAL parses a byte
+    seal_format.check_ciphertexts(items, _expect(compiled))
+    cts = []
+    for i, data in enumerate(items):
         try:
             ct = be.ciphertext_from_bytes(data)
         except Exception as e:  # any loader failure is the input's, never a 500

@@ -292,3 +292,30 @@ def _swallow(fn, *args) -> None:
         fn(*args)
     except httpx.HTTPError:
         pass
+
+
+# -- the short test itself, at the fmnist-cryptonets parameters (in process) ------------------
+def test_short_test_at_real_parameters():
+    """n = 8192 with 51- and 29-bit primes (three and two limbs): a real secret key is short in
+    every RNS component (NTT form), so is its coefficient form and a small error; uniformly
+    random components never are."""
+    from heinfer.backends.tenseal_backend import TensealBackend
+    from heinfer.params import CKKSParams
+    from heinfer_server import seal_format as sf
+
+    params = CKKSParams(poly_modulus_degree=8192, coeff_mod_bits=[51, 29, 29, 29, 29, 51],
+                        scale_bits=29)
+    be = TensealBackend(params)
+    be.generate_keys([])
+    e = sf.Expect.of_backend(be, params.scale)
+    n, primes = e.n, e.key_primes
+    sk = sm.secret_key_words(be.secret_key_bytes()).reshape(len(primes), n)
+    rng = np.random.default_rng(7)
+    ternary = rng.integers(-1, 2, n)
+    error = np.clip(np.round(rng.normal(0, 3.2, n)), -19, 19).astype(np.int64)
+    for j, q in enumerate(primes):
+        uniform = rng.integers(0, q, size=(64, n), dtype=np.uint64)
+        assert not e.short.short_rows(uniform, q).any()
+        rows = np.stack([sk[j], (ternary % q).astype(np.uint64), (error % q).astype(np.uint64),
+                         np.zeros(n, np.uint64)])
+        assert e.short.short_rows(rows, q).all(), q
