@@ -86,12 +86,15 @@ def read_file(path: Path | None = None) -> ConfigFile:
                           for err in e.errors())
         raise ConfigError(f"config file {path}: {wrong} (known keys: url, api_key, admin_key, "
                           "cacert, keystore, [servers.\"URL\"])") from e
-    holds_key = any(getattr(t, f) for t in [cfg, *cfg.servers.values()] for f in SECRET_FIELDS)
+    return cfg
+
+
+def check_private(path: Path) -> None:
+    """A key is taken from the file only when no one else can read it (as ssh does)."""
     mode = stat.S_IMODE(path.stat().st_mode)
-    if holds_key and mode & 0o077:
+    if mode & 0o077:
         raise ConfigError(f"config file {path} holds an API key but is readable by others "
                           f"(mode {mode:04o}): run `chmod 600 {path}`")
-    return cfg
 
 
 def _norm(url: str) -> str:
@@ -143,9 +146,11 @@ class Resolved:
 
 def resolve(*, url: str | None = None, api_key: str | None = None,
             admin_key: str | None = None, cacert: str | None = None,
-            keystore: str | None = None, flags: bool = True) -> Resolved:
+            keystore: str | None = None, flags: bool = True,
+            with_admin: bool = True) -> Resolved:
     """Flag (or argument) > environment > config file > default, per setting. `flags` names
-    the first level in messages: "--url" for the CLI, "argument" for the SDK."""
+    the first level in messages: "--url" for the CLI, "argument" for the SDK (which has no
+    use for the admin key: `with_admin=False`)."""
     given = {"url": url, "api_key": api_key, "admin_key": admin_key, "cacert": cacert,
              "keystore": keystore}
     path = config_path()
@@ -166,6 +171,8 @@ def resolve(*, url: str | None = None, api_key: str | None = None,
         elif os.environ.get(env):
             out[name], source[name] = os.environ[env], env
         elif table is not None and getattr(table, name, None):
+            if name in SECRET_FIELDS:
+                check_private(path)
             out[name], source[name] = getattr(table, name), str(path)
 
     pick("url", None)
@@ -174,8 +181,9 @@ def resolve(*, url: str | None = None, api_key: str | None = None,
     resolved_url = _norm(out.get("url") or DEFAULT_URL)
     source.setdefault("url", "default")
     # the file's keys for this server only: the top level belongs to its `url`
+    names = ("api_key", "admin_key", "cacert") if with_admin else ("api_key", "cacert")
     needs_file = any(not given[n] and not os.environ.get(SOURCES[n][1])
-                     for n in ("api_key", "admin_key", "cacert", "keystore"))
+                     for n in (*names, "keystore"))
     table: ServerTable | ConfigFile | None = None
     if needs_file:
         cfg = from_file()
@@ -184,7 +192,7 @@ def resolve(*, url: str | None = None, api_key: str | None = None,
             table = servers[resolved_url]
         elif _norm(cfg.url or DEFAULT_URL) == resolved_url:
             table = cfg
-    for name in ("api_key", "admin_key", "cacert"):
+    for name in names:
         pick(name, table)
     pick("keystore", from_file() if needs_file else None)
     return Resolved(resolved_url, out.get("api_key"), out.get("admin_key"), out.get("cacert"),
@@ -221,7 +229,8 @@ def write_file(cfg: ConfigFile, path: Path | None = None) -> Path:
 
 def set_value(name: str, value: str, *, server: str | None = None,
               path: Path | None = None) -> Path:
-    """`heinfer config set NAME VALUE [--server URL]`: one value changed, the rest kept."""
+    """`heinfer config set NAME VALUE [--server URL]`: one value changed, the rest kept (the
+    file is rewritten 0600, which also makes an existing readable file private)."""
     path = path or config_path()
     cfg = read_file(path)
     if server is not None:

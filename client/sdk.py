@@ -98,7 +98,7 @@ class Client:
                  timeout: float = 600.0, verify: bool | str | ssl.SSLContext = True,
                  refused_wait: float = 0.0, config: Resolved | None = None):
         self.config = config or resolve(
-            url=url, api_key=api_key, flags=False,
+            url=url, api_key=api_key, flags=False, with_admin=False,
             cacert=verify if isinstance(verify, str) else None,
             keystore=None if keystore is None or isinstance(keystore, Keystore) else
             str(keystore))

@@ -61,12 +61,16 @@ def test_precedence_flag_env_file(tmp_path, monkeypatch):
     assert Client().api_key == "other-key" and Client().url == "https://other.example"
 
 
-def test_config_file_errors(tmp_path):
+def test_config_file_errors(tmp_path, monkeypatch):
     cfg = tmp_path / "c.toml"
+    monkeypatch.setenv("HEINFER_CONFIG", str(cfg))
     cfg.write_text('api_key = "k"\n')
     os.chmod(cfg, 0o644)
     with pytest.raises(errors.ConfigError, match=r"readable by others \(mode 0644\).*chmod 600"):
-        read_file(cfg)
+        resolve()
+    assert resolve(api_key="given").api_key == "given"  # the file's key is not used: no error
+    set_value("url", "http://a")  # rewriting makes it private
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600 and resolve().api_key == "k"
     cfg.write_text("url = \n")
     with pytest.raises(errors.ConfigError, match="not valid TOML"):
         read_file(cfg)
