@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from heinfer.backends import backend_for_spec, make_backend
 from heinfer.backends.base import EvalKeyBytes
@@ -19,6 +18,7 @@ from heinfer.codec import encode_encrypt_bytes, finish_output
 from heinfer.params import CKKSParams
 from heinfer.plan import CompiledPlan, Plan
 from heinfer.profile import profile_layers
+from heinfer.progress import Progress
 from heinfer_packing.conformal import ConformalNet, lower_conformal
 from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import Model
@@ -123,7 +123,8 @@ def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
                                           keys.rotation_steps))
     result = EncryptedEval(plan, keys.nbytes(), keygen_s, backend=spec.backend)
     name = getattr(model, "name", plan.name)
-    for x in tqdm(xs, desc=f"encrypted {name}", unit="img", disable=not progress):
+    bar = Progress(len(xs), f"encrypted {name}", unit="img", disable=not progress)
+    for x in xs:
         t0 = time.perf_counter()
         body = encode_encrypt_bytes(client_be, spec, x)
         t1 = time.perf_counter()
@@ -141,6 +142,8 @@ def evaluate_encrypted(model: Model, xs: np.ndarray, first_conv: str = "im2col",
         result.download_bytes.append(sum(map(len, reply)))
         result.logits.append(logits)
         result.plain_logits.append(model.forward(x))
+        bar.update()
+    bar.close()
     if count_ops and len(xs):
         fresh = [server_be.ciphertext_from_bytes(b)
                  for b in encode_encrypt_bytes(client_be, spec, xs[0])]
