@@ -87,14 +87,16 @@ class ShortTest:
     root): `samples` coefficients of the inverse NTT, at positions drawn per worker process
     from the OS's randomness and never shown, at least half of them within the bound. Exact
     modular arithmetic by float64 matrix products over limbs of w bits (2w + log2 N <= 53, so
-    every partial sum is exact). A uniform component passes either test with probability below
-    2^-100; a ternary or small-error one always fails."""
+    every partial sum is exact). A uniform component is flagged with probability below 2^-74
+    per test; a ternary or small-error one always is. Memory per worker and plan: a 2N-word
+    table per prime and one N x samples index (the rows of the inverse NTT are gathered per
+    call, not kept: 16 x N words per prime would be 4 MB each at N = 32768)."""
 
     n: int
     primes: list[int]
     samples: int = 16
     positions: np.ndarray = field(init=False)
-    _limbs: dict[int, list[np.ndarray]] = field(init=False, default_factory=dict)
+    _tables: dict[int, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         rnd = secrets.SystemRandom()
@@ -102,16 +104,14 @@ class ShortTest:
         logn = self.n.bit_length() - 1
         self.w = (53 - logn) // 2
         e = 2 * _bitrev(self.n, logn) + 1
+        # coefficient j of the inverse NTT = sum_i a[i] * T[(e_i * j) mod 2N], T[t] = N^-1 psi^-t
+        self._index = ((e[:, None] * self.positions[None, :]) % (2 * self.n)).astype(np.int32)
         for q in self.primes:
-            # T[t] = N^-1 psi^-t; row for coefficient j: T[(e_i * j) mod 2N]
             pinv = pow(minimal_root(q, 2 * self.n), -1, q)
-            ninv = pow(self.n, -1, q)
-            table = [ninv] * (2 * self.n)
+            table = [pow(self.n, -1, q)] * (2 * self.n)
             for t in range(1, 2 * self.n):
                 table[t] = table[t - 1] * pinv % q
-            tab = np.array(table, dtype=np.uint64)
-            u = tab[(e[:, None] * self.positions[None, :]) % (2 * self.n)]  # N x samples
-            self._limbs[q] = self._split(u, q)
+            self._tables[q] = np.array(table, dtype=np.uint64)
 
     def _split(self, a: np.ndarray, q: int) -> list[np.ndarray]:
         # int64 -> float64 converts with SIMD, uint64 -> float64 does not (limbs fit either)
@@ -131,7 +131,7 @@ class ShortTest:
         """rows: M x N words (< q). Returns a bool per row: short in either form."""
         raw = self._small(rows, q).sum(axis=1) * 2 > self.n
         s_limbs = self._split(rows, q)
-        u_limbs = self._limbs[q]
+        u_limbs = self._split(self._tables[q][self._index], q)  # N x samples
         by_shift: dict[int, np.ndarray] = {}
         for a, sa in enumerate(s_limbs):
             for b, ub in enumerate(u_limbs):
