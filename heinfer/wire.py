@@ -247,6 +247,36 @@ def read_header(f: BinaryIO, total_size: int, *, expected_kind: Kind | None = No
                   expected_count=expected_count, max_item_bytes=max_item_bytes)
 
 
+def parse_prefix(prefix: bytes | bytearray, *, total_size: int | None = None,
+                 expected_kind: Kind | None = None, expected_count: int | None = None,
+                 max_item_bytes: int | dict[Section, int] | None = None) -> Frame | None:
+    """Check the header and section table from the first bytes of a body still arriving (the
+    server refuses a bad body before storing it). None while the table is incomplete.
+    `total_size` is the declared length when known; otherwise the size the table announces is
+    taken, and the reader must hold the body to it."""
+    if len(prefix) < HEADER_SIZE:
+        return None
+    kind, count = _parse_fixed_header(bytes(prefix[:HEADER_SIZE]))
+    if expected_kind is not None and kind != expected_kind:  # before waiting for the table
+        raise WireError(f"expected a {Kind(expected_kind).name} body, got {kind.name}",
+                        "wrong_kind")
+    if expected_count is not None and count != expected_count:
+        raise WireError(f"expected {expected_count} section(s), got {count}", "wrong_count")
+    table_end = HEADER_SIZE + ENTRY_SIZE * count
+    if len(prefix) < table_end:
+        return None
+    entries = []
+    for i in range(count):
+        t, r1, r2, length = ENTRY.unpack_from(prefix, HEADER_SIZE + ENTRY_SIZE * i)
+        if r1 or r2:
+            raise WireError(f"reserved fields of section {i} are not zero")
+        entries.append((t, length))
+    announced = table_end + sum(length for _, length in entries)
+    return _check(kind, entries, announced if total_size is None else total_size,
+                  expected_kind=expected_kind, expected_count=expected_count,
+                  max_item_bytes=max_item_bytes)
+
+
 def payloads(body: bytes | bytearray | memoryview, frame: Frame) -> list[bytes]:
     """The sections' payloads of a checked body, in order."""
     mv = memoryview(body)

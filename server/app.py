@@ -16,15 +16,18 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, Response
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 
 from heinfer import __version__
 from heinfer_server import errors, recovery
 from heinfer_server import store as st
+from heinfer_server.api.deps import get_principal
 from heinfer_server.api.main import api_router
-from heinfer_server.bodies import DRAIN_CAP
+from heinfer_server.bodyguard import BodyGuard
+from heinfer_server.conformance import install_openapi
 from heinfer_server.logs import request_id_var
 from heinfer_server.metrics import Metrics
 from heinfer_server.settings import Settings
@@ -45,8 +48,7 @@ decrypts. Binary bodies use the heinfer wire framing (module `heinfer.wire`). Er
 
 class RequestContext:
     """Pure ASGI middleware: request id, metrics by route template, one JSON log line per
-    request, problem+json for anything unhandled, and draining of unread request bodies before
-    an error response (a client still uploading then reads the error, not a broken pipe)."""
+    request, problem+json for anything unhandled. Unread request bodies: bodyguard.py."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -61,35 +63,23 @@ class RequestContext:
         t0 = time.perf_counter()
         status = 500
         started = False
-        body_done = False
-
-        async def receive_wrapper():
-            nonlocal body_done
-            msg = await receive()
-            if msg["type"] == "http.disconnect" or (
-                    msg["type"] == "http.request" and not msg.get("more_body", False)):
-                body_done = True
-            return msg
 
         async def send_wrapper(msg):
             nonlocal status, started
             if msg["type"] == "http.response.start":
                 status, started = msg["status"], True
                 MutableHeaders(scope=msg).append("X-Request-Id", rid)
-                drained = 0
-                while status >= 400 and not body_done and drained <= DRAIN_CAP:
-                    drained += len((await receive_wrapper()).get("body", b""))
             await send(msg)
 
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         except Exception as exc:  # the last resort: still a problem+json with the request id
             err = errors.classify(exc)
             status = err.status
             if not started:
                 resp = JSONResponse(errors.problem_body(err, rid), status_code=err.status,
                                     media_type="application/problem+json", headers=err.headers)
-                await resp(scope, receive_wrapper, send_wrapper)
+                await resp(scope, receive, send_wrapper)
         finally:
             path = _route_label(scope)
             seconds = time.perf_counter() - t0
@@ -178,16 +168,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 t.cancel()
             pool.shutdown()
 
+    public_docs = not settings.docs_require_key
     app = FastAPI(title="heinfer", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url="/docs", openapi_url="/openapi.json")
+                  lifespan=lifespan, docs_url="/docs" if public_docs else None,
+                  openapi_url="/openapi.json" if public_docs else None)
     errors.install(app)
-    app.add_middleware(RequestContext, metrics=metrics)
+    install_openapi(app)
+    app.add_middleware(BodyGuard, idle_timeout=settings.body_idle_timeout_s,
+                       total_timeout=settings.body_timeout_s)
+    app.add_middleware(RequestContext, metrics=metrics)  # added last: the outermost
     app.include_router(api_router, prefix="/v1")
+    metrics_deps = [Depends(get_principal)] if settings.metrics_require_key else []
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=metrics_deps)
     async def prometheus() -> Response:
         data, ctype = metrics.render()
         return Response(data, media_type=ctype)
+
+    if not public_docs:  # the same pages, behind any API key
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(get_principal)])
+        async def openapi_json() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(get_principal)])
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="heinfer - docs")
 
     @app.get("/", include_in_schema=False)
     async def root() -> dict:

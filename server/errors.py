@@ -73,8 +73,13 @@ PROBLEMS: dict[str, Problem] = {
     "insecure_params": Problem(400, "Insecure parameters"),
     "invalid_name": Problem(400, "Invalid name"),
     "validation_error": Problem(422, "Invalid request"),
+    "body_timeout": Problem(408, "Request body timeout"),
     # limits
     "quota_exceeded": Problem(429, "Quota exceeded"),
+    "rate_limited": Problem(429, "Too many requests"),
+    "too_many_uploads": Problem(429, "Too many uploads at once"),
+    "too_many_bad_keys": Problem(429, "Too many wrong API keys"),
+    "insufficient_storage": Problem(507, "Insufficient storage"),
     "overloaded": Problem(503, "Server busy"),
     "worker_crashed": Problem(503, "Worker crashed"),
     "not_ready": Problem(503, "Not ready"),
@@ -161,6 +166,7 @@ def install(app) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     from heinfer_server.logs import request_id_var
 
@@ -174,10 +180,20 @@ def install(app) -> None:
     async def on_api(_: Request, exc: Exception) -> JSONResponse:
         return respond(classify(exc))
 
-    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "internal" if exc.status_code >= 500
                                 else "malformed_body")
-        return respond(ApiError(code, str(exc.detail)))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            from heinfer_server.conformance import allowed_methods
+
+            headers["Allow"] = allowed_methods(request)
+        return respond(ApiError(code, str(exc.detail), headers=headers))
+
+    async def on_disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # nobody reads this answer; it keeps a hang-up out of the 5xx counts and tracebacks
+        return respond(ApiError("malformed_body", "the client closed the connection before "
+                                "its body was complete"))
 
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -190,3 +206,4 @@ def install(app) -> None:
     app.add_exception_handler(HeinferError, on_api)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ClientDisconnect, on_disconnect)

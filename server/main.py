@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -72,13 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     except DataDirError as e:
         print(f"heinfer serve: {e}", file=sys.stderr)
         return 2
+    for plan in settings.plan_paths():  # a typo must stop the start, not leave it "not ready"
+        missing = [p for p in (plan, Path(str(plan).removesuffix(".json") + ".npz"))
+                   if not p.is_file()]
+        if missing:
+            print(f"heinfer serve: plan file {missing[0]} not found (--plan / "
+                  "HEINFER_PRELOAD_PLANS name NAME.plan.json, with NAME.plan.npz beside it)",
+                  file=sys.stderr)
+            return 2
     logs.configure(settings.log_level, settings.log_json)
+    proxies = settings.trusted_proxies.strip()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
                 ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
                 log_config=None, access_log=False,
                 timeout_graceful_shutdown=settings.shutdown_grace_s,
-                server_header=False)
+                server_header=False,
+                # X-Forwarded-For decides the address that wrong keys are counted against:
+                # believed only from configured proxies (uvicorn's default trusts 127.0.0.1)
+                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
     return 0
 
 

@@ -47,6 +47,9 @@ class Metrics:
         self.quarantined = Counter("heinfer_quarantined_total",
                                    "files or directories without a row moved to quarantine/ "
                                    "at start", ["kind"], registry=r)
+        self.limit_rejections = Counter("heinfer_limit_rejections_total",
+                                        "requests refused by a rate, upload or disk limit",
+                                        ["code"], registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

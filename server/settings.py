@@ -64,6 +64,30 @@ class Settings(BaseSettings):
     max_sessions_per_key: int = Field(default=16, ge=1)
     max_bytes_per_key: int = Field(default=4 << 30, ge=1024,
                                    description="key bytes stored per API key, all sessions")
+    # -- upload and abuse limits (docs/SERVICE.md, "Limits"); `limits` rate strings --------
+    body_idle_timeout_s: float = Field(default=30.0, gt=0,
+                                       description="longest pause while a request body arrives; "
+                                                   "then 408 and the connection is closed")
+    body_timeout_s: float = Field(default=900.0, gt=0,
+                                  description="a whole request body must arrive within this")
+    max_uploads_per_key: int = Field(default=4, ge=1,
+                                     description="key or plan uploads one API key may be "
+                                                 "sending at once; more answer 429")
+    rate_limit: str = Field(default="50/second;1000/minute",
+                            description="requests per API key (429 with Retry-After beyond)")
+    bad_key_limit: str = Field(default="30/minute",
+                               description="wrong API keys per client address; beyond, every "
+                                           "keyed request from it answers 429 for a while")
+    min_free_disk_bytes: int = Field(default=1 << 30, ge=0,
+                                     description="new uploads answer 507 when they would leave "
+                                                 "less free space than this in data_dir")
+    metrics_require_key: bool = Field(default=True,
+                                      description="/metrics needs an API key (any)")
+    docs_require_key: bool = Field(default=False,
+                                   description="/docs and /openapi.json need an API key (any)")
+    trusted_proxies: str = Field(default="",
+                                 description="addresses whose X-Forwarded-For is believed "
+                                             "(comma separated, `*` for any); empty: none")
     session_idle_ttl_s: float = Field(default=3600.0, gt=0,
                                       description="a session unused this long expires")
     sweep_interval_s: float = Field(default=30.0, gt=0)
@@ -98,6 +122,14 @@ class Settings(BaseSettings):
     def _client_keys_strong(self) -> Settings:
         for name, key in self.configured_api_keys():
             _check_key(key, f"API key {name!r}")
+        from limits import parse_many
+
+        for field in ("rate_limit", "bad_key_limit"):
+            try:
+                parse_many(getattr(self, field))
+            except ValueError as e:
+                raise ValueError(f"HEINFER_{field.upper()}: {e} (e.g. '50/second;1000/minute')"
+                                 ) from None
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("TLS needs both HEINFER_SSL_CERTFILE and HEINFER_SSL_KEYFILE")
         return self

@@ -20,6 +20,7 @@ from pathlib import Path
 from heinfer import wire
 from heinfer_server import store as st
 from heinfer_server.errors import ApiError
+from heinfer_server.limits import Limiter
 from heinfer_server.metrics import Metrics
 from heinfer_server.settings import Settings
 from heinfer_server.workers import EvalPool
@@ -45,6 +46,10 @@ class ServerState:
     preload_done: bool = False
     startup_error: str | None = None
     touched: dict[str, float] = field(default_factory=dict)
+    limiter: Limiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = Limiter(self.settings, self.metrics)
 
     def touch_session(self, session_id: str) -> None:
         """Record use for idle expiry, writing SQLite at most every tenth of the idle time

@@ -24,11 +24,13 @@ the pool: it is rebuilt and the request answers 503 (the SDK retries).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +60,8 @@ def _init_worker(parent_pid: int, max_models: int, max_sessions: int) -> None:
     """Runs once in each worker: cache sizes, and exit when the API process is gone (after a
     kill -9 nothing else would tell a worker blocked on its call queue)."""
     _LIMITS.update(models=max_models, sessions=max_sessions)
+    # Ctrl-C in a terminal signals the whole group: the API process stops the pool in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while True:
@@ -339,8 +343,13 @@ class EvalPool:
 
     async def warm_up(self) -> None:
         """Start every worker now (imports take a second each), then report ready."""
-        futs = [self._executor.submit(ping) for _ in range(self.workers * 2)]
-        await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        seen: set[int] = set()
+        for _ in range(100):  # until each worker has answered (its initializer then ran)
+            futs = [self._executor.submit(ping) for _ in range(self.workers * 2)]
+            seen |= set(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
+            if len(seen) >= self.workers:
+                break
+            await asyncio.sleep(0.05)
         self.ready = True
         if self._metrics:
             self._metrics.workers.set(self.workers)
@@ -401,6 +410,24 @@ class EvalPool:
             self._executor = self._new_executor()
             broken.shutdown(wait=False, cancel_futures=True)
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Stop and reap the workers, then free the pool's queues now. uvicorn re-raises the
+        signal that stopped it, so the process dies without running exit handlers: queues
+        still alive then leak their semaphores (`resource_tracker: ... leaked semaphore
+        objects`)."""
+        ex = self._executor
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        manager = getattr(ex, "_executor_manager_thread", None)
+        ex.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        for p in procs:  # a running job may finish within the grace period
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+        if manager is not None:
+            manager.join(2.0)
+        del procs, manager
+        multiprocessing.active_children()  # forget the reaped workers (they hold the queues)
+        gc.collect()  # the queues' finalizers unlink their semaphores

@@ -196,7 +196,8 @@ def test_oversized_bodies(env):
     problem(post_predict(alice, "tiny", sid, b"\x00" * (limit + 1)), 413, "payload_too_large")
     problem(post_keys(alice, "tiny", b"\x00" * (MAX_KEY_BYTES + 1)), 413, "payload_too_large")
 
-    def chunked():  # no Content-Length: the limit is enforced while streaming
+    def chunked():  # no Content-Length: the limit is enforced while streaming (the start of a
+        yield b"\x0a\x4a\x5e\xa1"  # TenSEAL context lets the body past the first-bytes check)
         for _ in range(MAX_KEY_BYTES // (1 << 20) + 2):
             yield b"\x00" * (1 << 20)
 
@@ -329,7 +330,8 @@ def test_metrics_docs_request_ids_and_logs(env):
     assert r.headers["x-request-id"] == "my-req-42"
     x = ct_body(env["keys"], np.zeros((1, 6, 6)))
     assert post_predict(alice, "tiny", env["sid"], x).status_code == 200
-    text = http(env["srv"].url, None).get("/metrics").text
+    problem(http(env["srv"].url, None).get("/metrics"), 401, "missing_api_key")  # by default
+    text = alice.get("/metrics").text
     assert ('heinfer_http_requests_total{method="POST",route="/v1/models/{name}/predict",'
             'status="200"}') in text
     assert 'route="/v1/models/{name}/predict",status="404"' in text
@@ -337,7 +339,6 @@ def test_metrics_docs_request_ids_and_logs(env):
                  "heinfer_he_evaluation_seconds_count", "heinfer_sessions_active",
                  "heinfer_body_bytes_received_total"):
         assert name in text, name
-    assert "/docs" in http(env["srv"].url, None).get("/docs").text or True
     docs = http(env["srv"].url, None).get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     openapi = http(env["srv"].url, None).get("/openapi.json").json()

@@ -20,14 +20,21 @@ def get_state(request: Request) -> ServerState:
 StateDep = Annotated[ServerState, Depends(get_state)]
 
 
-def get_principal(state: StateDep, creds: Annotated[HTTPAuthorizationCredentials | None,
-                                                    Depends(bearer)]) -> Principal:
+def get_principal(request: Request, state: StateDep,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+                  ) -> Principal:
+    """The caller's key, throttled: wrong keys per client address, requests per key
+    (server/limits.py)."""
     if creds is None or not creds.credentials:
         raise ApiError("missing_api_key", "send your API key as `Authorization: Bearer <key>` "
                        "(heinfer CLI: --api-key or HEINFER_API_KEY)")
+    address = request.client.host if request.client else "unknown"
+    state.limiter.check_address(address)
     principal = state.authenticate(creds.credentials)
     if principal is None:
+        state.limiter.record_bad_key(address)
         raise ApiError("invalid_api_key", "this API key is not known to the server")
+    state.limiter.check_rate(principal.id)
     return principal
 
 

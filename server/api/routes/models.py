@@ -111,7 +111,7 @@ PLAN_UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("", status_code=201, response_model=ModelPublic, openapi_extra=PLAN_UPLOAD,
              responses=problems(400, 401, 403, 409, 413))
-async def add_model(request: Request, response: Response, state: StateDep, _: AdminDep,
+async def add_model(request: Request, response: Response, state: StateDep, principal: AdminDep,
                     name: Annotated[str | None, Query(description="serve under this name "
                                                       "(default: the plan's)")] = None,
                     replace: bool = False) -> ModelPublic:
@@ -126,10 +126,12 @@ async def add_model(request: Request, response: Response, state: StateDep, _: Ad
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError("unsupported_media_type",
                        "send the plan as multipart/form-data with parts plan_json and plan_npz")
+    state.limiter.check_disk(state.store.data_dir, 2 * int(length))  # upload + installed copy
     tmp = state.store.tmp / f"plan-{secrets.token_hex(8)}"
     tmp.mkdir()
     try:
-        async with request.form(max_files=2, max_fields=2) as form:
+        async with (state.limiter.upload(principal.id),
+                    request.form(max_files=2, max_fields=2) as form):
             for key, suffix in (("plan_json", "json"), ("plan_npz", "npz")):
                 part = form.get(key)
                 if part is None or isinstance(part, str):

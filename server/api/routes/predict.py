@@ -14,7 +14,13 @@ from heinfer_server import workers
 from heinfer_server.api.deps import ApiKeyDep, StateDep
 from heinfer_server.api.routes.models import get_model_or_404
 from heinfer_server.api.schemas import binary_body, problems
-from heinfer_server.bodies import BINARY, read_limited, require_binary
+from heinfer_server.bodies import (
+    BINARY,
+    declared_length,
+    read_limited,
+    require_binary,
+    wire_gate,
+)
 from heinfer_server.errors import ApiError
 from heinfer_server.shred import ram_spill_dir, shred
 
@@ -72,7 +78,11 @@ async def predict(
     key_dir = state.session_keys(session)
     require_binary(request)
     item_limit = state.ciphertext_limit(model)
-    body = await read_limited(request, state.predict_body_limit(model), "predict body")
+    gate = wire_gate(declared_length(request), kind=wire.Kind.CIPHERTEXTS,
+                     count=model.n_inputs, max_item_bytes=item_limit)
+    # no upload slot: a predict body is small and bounded, its work by the queue (a burst of
+    # one key's predicts gets 503 + Retry-After, which clients retry)
+    body = await read_limited(request, state.predict_body_limit(model), "predict body", gate)
     state.metrics.bytes_in.labels("/v1/models/{name}/predict").inc(len(body))
     wire.parse_header(body, expected_kind=wire.Kind.CIPHERTEXTS, expected_count=model.n_inputs,
                       max_item_bytes=item_limit)

@@ -15,7 +15,13 @@ from heinfer_server import store as st
 from heinfer_server.api.deps import ApiKeyDep, StateDep
 from heinfer_server.api.routes.models import get_model_or_404
 from heinfer_server.api.schemas import SessionPublic, binary_body, problems
-from heinfer_server.bodies import require_binary, stream_to_file
+from heinfer_server.bodies import (
+    declared_length,
+    require_binary,
+    stream_to_file,
+    tenseal_context_prefix,
+    wire_gate,
+)
 from heinfer_server.errors import ApiError
 from heinfer_server.keycheck import tenseal_context_secret
 from heinfer_server.shred import shred, shred_tree
@@ -68,17 +74,25 @@ async def create_session(
         raise ApiError("quota_exceeded", f"this API key has {n} sessions (limit "
                        f"{s.max_sessions_per_key}); delete one or let it expire")
     room = s.max_bytes_per_key - used
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) <= s.max_key_bytes and int(declared) > room:
-        raise ApiError("quota_exceeded", f"{int(declared):,} more key bytes would exceed this "
-                       f"API key's storage quota ({s.max_bytes_per_key:,} bytes, "
-                       f"{used:,} used)")
+
+    def over_quota(size: int) -> ApiError:
+        return ApiError("quota_exceeded", f"{size:,} more key bytes would exceed this API "
+                        f"key's storage quota ({s.max_bytes_per_key:,} bytes, {used:,} used)")
+
+    declared = declared_length(request)
+    if declared is not None and declared <= s.max_key_bytes and declared > room:
+        raise over_quota(declared)
     require_binary(request)
+    state.limiter.check_disk(state.store.data_dir, min(declared or 0, s.max_key_bytes))
+    gate = wire_gate(declared, kind=wire.Kind.EVAL_KEYS, max_item_bytes=s.max_key_bytes,
+                     room=room, unframed=tenseal_context_prefix)
     sid = new_session_id()
     upload = state.store.tmp / f"{sid}.upload"
     staged = state.store.tmp / sid
     try:
-        size = await stream_to_file(request, upload, s.max_key_bytes, "evaluation key upload")
+        async with state.limiter.upload(principal.id):
+            size = await stream_to_file(request, upload, s.max_key_bytes,
+                                        "evaluation key upload", gate, (room, over_quota))
         state.metrics.bytes_in.labels("/v1/sessions").inc(size)
         with open(upload, "rb") as f:
             try:
