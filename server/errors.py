@@ -79,7 +79,6 @@ PROBLEMS: dict[str, Problem] = {
     "rate_limited": Problem(429, "Too many requests"),
     "too_many_uploads": Problem(429, "Too many uploads at once"),
     "too_many_bad_keys": Problem(429, "Too many wrong API keys"),
-    "insufficient_storage": Problem(507, "Insufficient storage"),
     "overloaded": Problem(503, "Server busy"),
     "worker_crashed": Problem(503, "Worker crashed"),
     "not_ready": Problem(503, "Not ready"),
