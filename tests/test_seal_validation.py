@@ -13,7 +13,6 @@ import struct
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 
 from heinfer import wire
 from heinfer_client.keys import LocalKeys
-from heinfer_client.local import LocalServer
+from heinfer_client.local import LocalServer, heinfer_command
 from tests import seal_mutate as sm
 from tests.test_server_support import (
     ADMIN,
@@ -218,31 +217,41 @@ def test_plan_uploads_are_read_strictly(env):
 
 
 # -- a full disk is 507 -----------------------------------------------------------------------
-def _small_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True)
-    return r.returncode == 0
+def _small_tmp_command(size: str) -> list[str] | None:
+    """`heinfer serve` with DATA/tmp on a tmpfs of `size` in a mount namespace of its own
+    (unshare: as root, or as a user where unprivileged user namespaces are allowed), so the
+    host is untouched; None where that is impossible."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
+                            "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = 'mkdir -p "$1" && mount -t tmpfs -o size=' + size + ' tmpfs "$1" && shift && ' \
+             'exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", script, "sh"]
 
 
 def test_key_upload_on_a_full_disk_is_507(tmp_path):
+    prefix = _small_tmp_command("256k")
+    if prefix is None:
+        pytest.skip("needs a mount namespace (unshare) for a small tmpfs upload folder")
     data = tmp_path / "data"
-    if not _small_tmpfs(data / "tmp", "256k"):
-        pytest.skip("needs root to mount a small tmpfs for the upload folder")
+    srv = LocalServer(data, env=server_env(), args=["--plan", str(tiny_plan(tmp_path / "p"))],
+                      command=[*prefix, str(data / "tmp"), *heinfer_command(), "serve"])
+    srv.start()
     try:
-        with running_server(tmp_path, [tiny_plan(tmp_path / "plans")]) as srv:
-            alice = http(srv.url, ALICE)
-            keys = LocalKeys(spec_of(alice, "tiny"))
-            r = post_keys(alice, "tiny", keys.eval_keys_wire())
-            body = problem(r, 507, "insufficient_storage")
-            assert "Errno" not in body["detail"]
-            assert "Traceback" not in srv.log(200_000)
-            assert os.listdir(data / "tmp") == []  # the partial upload is gone
-            assert alice.get("/v1/health/live").status_code == 200
+        alice = http(srv.url, ALICE)
+        keys = LocalKeys(spec_of(alice, "tiny"))
+        r = post_keys(alice, "tiny", keys.eval_keys_wire())  # 1.3 MB into 256 KB
+        body = problem(r, 507, "insufficient_storage")
+        assert "Errno" not in body["detail"] and r.headers["retry-after"]
+        assert "Traceback" not in srv.log(200_000)
+        # the partial upload is gone (seen through the server's own mount namespace)
+        assert os.listdir(f"/proc/{srv.proc.pid}/root{data / 'tmp'}") == []
+        assert alice.get("/v1/health/ready").status_code == 200
     finally:
-        subprocess.run(["umount", "-l", str(data / "tmp")], capture_output=True)
+        srv.stop()
 
 
 # -- kill -9: refused or unfinished uploads are overwritten at the next start -----------------
