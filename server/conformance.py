@@ -4,8 +4,8 @@ tests/test_server_fuzz.py), and answer 405 with the `Allow` header HTTP requires
 - 422: FastAPI documents its own `HTTPValidationError` as application/json, but every error
   here is problem+json (`ProblemOut`): the document is fixed to match the responses.
 - Limits that apply to whole groups of operations are documented once here rather than on each
-  route: 429 on every keyed operation (rate, wrong-key throttle, quotas), 408 on every
-  operation with a request body, 507 on the uploads that store it.
+  route: 429 on every keyed operation (rate, wrong-key throttle, quotas), 408, 413 and 415 on
+  every operation with a request body, 507 on the uploads that store it.
 - 405: Starlette's `Allow` names only the methods of the first route whose path matched; the
   header here lists every method served at that path.
 """
@@ -37,6 +37,7 @@ def fix_schema(schema: dict[str, Any]) -> dict[str, Any]:
             if "requestBody" in op:
                 responses.setdefault("408", _problem("Request body too slow"))
                 responses.setdefault("413", _problem("Payload too large"))
+                responses.setdefault("415", _problem("Unsupported media type"))
             if (method, path) in STORING:
                 responses.setdefault("507", _problem("Insufficient storage for new uploads"))
     components = schema.get("components", {}).get("schemas", {})

@@ -1,0 +1,77 @@
+"""Schemathesis over the server's own OpenAPI document, against a real `heinfer serve` on
+127.0.0.1: generated valid and invalid requests for every operation, with a fixed seed and a
+bounded budget (CI), 0 responses 5xx allowed, and the responses must match the document
+(status codes, media types, bodies, `Allow` on 405).
+
+The longer run (docs/SERVICE.md, "Fuzzing") is the same command with a larger budget:
+
+    HEINFER_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest -q tests/test_server_openapi_fuzz.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_server_support import ADMIN, http, running_server, tiny_plan
+
+EXAMPLES = int(os.environ.get("HEINFER_FUZZ_EXAMPLES", "25"))  # per operation
+SEED = int(os.environ.get("HEINFER_FUZZ_SEED", "20261202"))
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_schema_conformance,allow_header_conformance")
+
+
+def schemathesis_command(url: str, report: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json",
+            "--checks", CHECKS, "--max-examples", str(EXAMPLES), "--seed", str(SEED),
+            "--mode", "all", "--phases", "examples,coverage,fuzzing", "--workers", "1",
+            "--header", f"Authorization: Bearer {ADMIN}", "--no-color",
+            "--request-timeout", "30", "--generation-database", "none",
+            "--report", "ndjson", "--report-ndjson-path", str(report)]
+
+
+def count_cases(report: Path) -> int:
+    """API calls schemathesis made, from its event stream."""
+    n = 0
+    for line in report.read_text().splitlines():
+        event = json.loads(line)
+        if "ScenarioFinished" in event:
+            n += len(event["ScenarioFinished"].get("recorder", {}).get("interactions", {}))
+    return n
+
+
+def server_errors(url: str) -> list[str]:
+    metrics = http(url, ADMIN).get("/metrics").text
+    return re.findall(r"heinfer_http_requests_total\{[^}]*status=\"5\d\d\"\} \S+", metrics)
+
+
+def test_openapi_fuzzing_finds_no_5xx_and_no_mismatch(tmp_path):
+    d = tmp_path
+    # a real model, so that generated names sometimes meet it; limits high enough that the
+    # fuzzer's own pace is not what it measures (the limits have tests of their own)
+    with running_server(d, [tiny_plan(d / "plans")], rate_limit="100000/second",
+                        bad_key_limit="100000/second", max_key_bytes=1 << 20,
+                        max_plan_bytes=1 << 20) as srv:
+        report = d / "events.ndjson"
+        before = server_errors(srv.url)  # readiness polls answered 503 while starting
+        out = subprocess.run(schemathesis_command(srv.url, report), capture_output=True,
+                             text=True, timeout=900)
+        summary = out.stdout[-6000:]
+        assert out.returncode == 0, summary
+        assert server_errors(srv.url) == before  # seen by the server, not only by the fuzzer
+        assert "Traceback" not in srv.log(10_000_000)
+    cases = count_cases(report)
+    print(f"\nschemathesis: {cases} API calls, seed {SEED}, {EXAMPLES} examples per operation, "
+          f"0 5xx\n{summary[-1500:]}")
+    assert cases >= 100
+
+
+if os.environ.get("HEINFER_FUZZ_EXAMPLES"):  # the long run is one explicit invocation
+    test_openapi_fuzzing_finds_no_5xx_and_no_mismatch = pytest.mark.slow(
+        test_openapi_fuzzing_finds_no_5xx_and_no_mismatch)
