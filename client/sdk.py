@@ -42,7 +42,7 @@ from heinfer.errors import InsecureParamsError, ParamsMismatchError
 from heinfer.plan import PLAN_FORMAT_VERSION, ModelSpec
 from heinfer_client import errors
 from heinfer_client.config import Resolved, resolve
-from heinfer_client.images import to_model_input
+from heinfer_client.images import load_inputs, to_model_input
 from heinfer_client.keys import LocalKeys, check_backend
 from heinfer_client.keystore import Keystore
 
@@ -270,6 +270,14 @@ class Model:
         return to_model_input(x, self.spec.input_shape,
                               (self.preprocessing or {}).get("normalization"),
                               normalized=normalized, model=f"model {self.name}")
+
+    def load(self, path: str | Path, *, batch: bool = False,
+             convert: str | None = None) -> list[np.ndarray]:
+        """Inputs from a file, checked against this model: an image (Pillow: PNG, JPEG, ...;
+        `convert="grey"`/`"rgb"` when its channels differ from the model's) as uint8 pixels,
+        or a .npy array (a batch along its first dimension only with `batch=True`)."""
+        return load_inputs(path, self.spec.input_shape, batch=batch,
+                           convert=convert)  # type: ignore[arg-type]
 
     def keys(self) -> LocalKeys:
         """This model's keys from the local key store, made (and stored 0600) if absent."""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from heinfer_client import Client
 from heinfer_client.errors import InputError
 from heinfer_client.images import load_inputs, read_image, to_model_input
 from heinfer_client.local import heinfer_command
@@ -183,3 +184,13 @@ def test_cli_predict_contract_on_the_shipped_model(fmnist, tmp_path):
         out = _cli(tmp_path, srv.url, str(tmp_path / "boot.png"), "--json")
         assert json.loads(out.stdout)["predictions"][0]["label_name"] == want
         assert out.stderr == ""  # --json: no progress
+        # the SDK reads files by the same rules (keys and session reused from the CLI's store)
+        with Client(srv.url, ALICE, keystore=tmp_path / "ks") as c:
+            m = c.model("fmnist-cryptonets")
+            s = m.session()
+            assert s.key_upload_bytes == 0
+            assert s.predict(m.load(tmp_path / "boot.jpg")[0]).label_name == want
+            with pytest.raises(InputError, match="--grey"):
+                m.load(tmp_path / "colour.png")
+            assert len(s.predict_batch(m.load(tmp_path / "three.npy", batch=True),
+                                       normalized=True)) == 3

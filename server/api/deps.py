@@ -26,8 +26,7 @@ def get_principal(request: Request, state: StateDep,
     """The caller's key, throttled: wrong keys per client address, requests per key
     (server/limits.py)."""
     if creds is None or not creds.credentials:
-        raise ApiError("missing_api_key", "send your API key as `Authorization: Bearer <key>` "
-                       "(heinfer CLI: --api-key or HEINFER_API_KEY)")
+        raise ApiError("missing_api_key", "send your API key as `Authorization: Bearer <key>`")
     address = request.client.host if request.client else "unknown"
     state.limiter.check_address(address)
     principal = state.authenticate(creds.credentials)
