@@ -4,7 +4,9 @@
     s = Client(url, api_key).model("fmnist-cryptonets").session()
     print(s.predict(image).label_name)
 
-Needs numpy, tenseal and httpx; never FastAPI, uvicorn, torch or the server package.
+Needs numpy, tenseal, httpx, pydantic and Pillow (images, imported when one is read); never
+FastAPI, uvicorn, torch or the server package. Where the URL and the API key come from:
+heinfer_client.config (flag or argument > HEINFER_URL/HEINFER_API_KEY > config file).
 """
 
 from heinfer_client.errors import (

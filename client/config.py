@@ -195,8 +195,10 @@ def resolve(*, url: str | None = None, api_key: str | None = None,
     for name in names:
         pick(name, table)
     pick("keystore", from_file() if needs_file else None)
-    return Resolved(resolved_url, out.get("api_key"), out.get("admin_key"), out.get("cacert"),
-                    out.get("keystore"), source, path, flags)
+    paths = {n: str(Path(out[n]).expanduser()) if out.get(n) else None
+             for n in ("cacert", "keystore")}  # "~/..." in the file or a quoted flag
+    return Resolved(resolved_url, out.get("api_key"), out.get("admin_key"), paths["cacert"],
+                    paths["keystore"], source, path, flags)
 
 
 def _toml_str(value: str) -> str:

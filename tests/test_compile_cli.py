@@ -5,6 +5,7 @@ and progress is plain lines when piped."""
 from __future__ import annotations
 
 import os
+import pty
 import re
 import subprocess
 from pathlib import Path
@@ -87,6 +88,13 @@ def test_progress_lines_when_piped(tmp_path, monkeypatch):
     assert lines[4] == "upload: started, 2.0 MB to do" and "1.0 MB of 2.0 MB (50%)" in lines[5]
     assert lines[-2:] == ["keys ...", lines[-1]] and lines[-1].startswith("keys: done in ")
     assert not any("quiet" in line for line in lines)
+    # on a terminal: a tqdm bar redrawn in place
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as tty, Progress(4, "bar", unit="img", file=tty) as bar:
+        bar.update(4)
+    drawn = os.read(master, 4096).decode()
+    os.close(master)
+    assert "\r" in drawn and "bar: 100%" in drawn and "4/4" in drawn
     monkeypatch.setenv("HEINFER_PROGRESS", "0")
     with open(log, "w") as f, Progress(1, "off", file=f) as bar:
         bar.update()
