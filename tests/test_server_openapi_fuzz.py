@@ -5,7 +5,8 @@ bounded budget (CI), 0 responses 5xx allowed, and the responses must match the d
 
 The longer run (docs/SERVICE.md, "Fuzzing") is the same command with a larger budget:
 
-    HEINFER_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest -q tests/test_server_openapi_fuzz.py -s
+    HEINFER_OPENAPI_FUZZ_EXAMPLES=1000 \
+        .venv/bin/python -m pytest -q tests/test_server_openapi_fuzz.py -s
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.test_server_support import ADMIN, http, running_server, tiny_plan
 
-EXAMPLES = int(os.environ.get("HEINFER_FUZZ_EXAMPLES", "25"))  # per operation
-SEED = int(os.environ.get("HEINFER_FUZZ_SEED", "20261202"))
+EXAMPLES = int(os.environ.get("HEINFER_OPENAPI_FUZZ_EXAMPLES", "25"))  # per operation
+SEED = int(os.environ.get("HEINFER_OPENAPI_FUZZ_SEED", "20261202"))
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,allow_header_conformance")
 
@@ -61,7 +60,7 @@ def test_openapi_fuzzing_finds_no_5xx_and_no_mismatch(tmp_path):
         report = d / "events.ndjson"
         before = server_errors(srv.url)  # readiness polls answered 503 while starting
         out = subprocess.run(schemathesis_command(srv.url, report), capture_output=True,
-                             text=True, timeout=900)
+                             text=True, timeout=max(900, EXAMPLES * 20))
         summary = out.stdout[-6000:]
         assert out.returncode == 0, summary
         assert server_errors(srv.url) == before  # seen by the server, not only by the fuzzer
@@ -71,7 +70,3 @@ def test_openapi_fuzzing_finds_no_5xx_and_no_mismatch(tmp_path):
           f"0 5xx\n{summary[-1500:]}")
     assert cases >= 100
 
-
-if os.environ.get("HEINFER_FUZZ_EXAMPLES"):  # the long run is one explicit invocation
-    test_openapi_fuzzing_finds_no_5xx_and_no_mismatch = pytest.mark.slow(
-        test_openapi_fuzzing_finds_no_5xx_and_no_mismatch)
