@@ -20,6 +20,8 @@
         +-- QuotaExceededError    429
         +-- ServerBusyError       503: queue full or restarting (retried automatically)
         +-- ServerError           other 5xx
+            +-- WorkerCrashedError  500 worker_crashed: this request's evaluation killed a
+                                    server worker; final (the SDK never retries it)
 
 `APIError.code` is the server's stable problem code (docs/SERVICE.md); branch on it or on the
 class, never on the message.
@@ -114,10 +116,15 @@ class ServerError(APIError):
     pass
 
 
+class WorkerCrashedError(ServerError):
+    pass
+
+
 BY_CODE: dict[str, type[APIError]] = {
     "plan_mismatch": PlanChangedError,
     "secret_key_refused": SecretKeyRefusedError,
     "session_expired": SessionExpiredError,
+    "worker_crashed": WorkerCrashedError,
 }
 BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError, 401: AuthError, 403: AuthError, 404: NotFoundError,

@@ -16,7 +16,9 @@ connections and 503 (queue full: waits Retry-After), with exponential backoff. O
 are retried only when the request certainly did not reach the server (connect errors) or the
 server refused it before doing anything (503). A refused TCP connection (nothing listening)
 is reported at once, not retried, unless `Client(refused_wait=S)` asks to ride through a
-restart.
+restart. A request whose evaluation killed a server worker (`worker_crashed`) is never
+retried, whatever its status: the same input would end the same way on the next worker
+(`FINAL_CODES`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from heinfer_client.keystore import Keystore
 
 BINARY = "application/octet-stream"
 RETRY_STATUSES = {503}
+FINAL_CODES = {"worker_crashed"}  # never retried, even under a retryable status
 SAFE = "safe"  # retry on any transport error: the call has no side effects
 CONNECT = "connect"  # retry only when the request cannot have reached the server
 NEVER = "never"
@@ -143,7 +146,8 @@ class Client:
             except httpx.TransportError as e:  # sent, then the connection broke
                 err, retryable = e, retry == SAFE
             else:
-                if r.status_code in RETRY_STATUSES and retry != NEVER and attempt < self.retries:
+                if (r.status_code in RETRY_STATUSES and retry != NEVER
+                        and attempt < self.retries and _code(r) not in FINAL_CODES):
                     self._sleep(attempt, _retry_after(r))
                     attempt += 1
                     continue
@@ -443,6 +447,15 @@ def _refused(e: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _code(r: httpx.Response) -> str | None:
+    """The problem code of an error answer, if it has one."""
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
 
 
 def _retry_after(r: httpx.Response) -> float | None:

@@ -30,9 +30,9 @@ from heinfer_server.bodyguard import BodyGuard
 from heinfer_server.conformance import install_openapi
 from heinfer_server.logs import request_id_var
 from heinfer_server.metrics import Metrics
+from heinfer_server.pool import EvalPool
 from heinfer_server.settings import Settings
 from heinfer_server.state import ServerState, load_keys
-from heinfer_server.workers import EvalPool
 
 log = logging.getLogger("heinfer.server")
 RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -151,7 +151,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = EvalPool(workers=settings.workers, max_queue=settings.max_queue,
                         start_method=settings.mp_start_method,
                         cache_models=settings.worker_cache_models,
-                        cache_sessions=settings.worker_cache_sessions, metrics=metrics)
+                        key_cache_bytes=settings.worker_key_cache_bytes,
+                        key_cache_tenant_bytes=settings.worker_key_cache_tenant_bytes,
+                        metrics=metrics)
         state = ServerState(settings, store, pool, metrics, load_keys(settings, store))
         state.sweep()
         metrics.models.set(len(st.list_models(store)))

@@ -80,13 +80,13 @@ PROBLEMS: dict[str, Problem] = {
     "too_many_uploads": Problem(429, "Too many uploads at once"),
     "too_many_bad_keys": Problem(429, "Too many wrong API keys"),
     "overloaded": Problem(503, "Server busy"),
-    "worker_crashed": Problem(503, "Worker crashed"),
     "not_ready": Problem(503, "Not ready"),
     "timeout": Problem(504, "Evaluation timed out"),
     "insufficient_storage": Problem(507, "Insufficient storage"),
     # server-side data loss: the operator must restore or re-add (never a client error)
     "plan_files_missing": Problem(500, "Model files missing on the server"),
     "session_keys_missing": Problem(500, "Session keys missing on the server"),
+    "worker_crashed": Problem(500, "Worker crashed"),  # final: the SDK does not retry it
     "internal": Problem(500, "Internal error"),
 }
 

@@ -37,7 +37,13 @@ class Metrics:
         self.queue_rejections = Counter("heinfer_queue_rejections_total",
                                         "requests refused with 503 because the queue was full",
                                         registry=r)
-        self.workers = Gauge("heinfer_workers", "HE worker processes", registry=r)
+        self.workers = Gauge("heinfer_workers", "HE worker processes running", registry=r)
+        self.worker_crashes = Counter("heinfer_worker_crashes_total",
+                                      "worker processes that died (replaced at once), by what "
+                                      "they were doing", ["during"], registry=r)
+        self.key_cache = Counter("heinfer_key_cache_lookups_total",
+                                 "session key loads in workers: from the cache or from disk",
+                                 ["result"], registry=r)
         self.he_seconds = Histogram("heinfer_he_evaluation_seconds",
                                     "HE evaluation time inside a worker", ["model"],
                                     buckets=LATENCY_BUCKETS, registry=r)

@@ -91,8 +91,12 @@ class Settings(BaseSettings):
     session_idle_ttl_s: float = Field(default=3600.0, gt=0,
                                       description="a session unused this long expires")
     sweep_interval_s: float = Field(default=30.0, gt=0)
-    worker_cache_sessions: int = Field(default=4, ge=1,
-                                       description="loaded key sets kept per worker (LRU)")
+    worker_key_cache_bytes: int = Field(
+        default=1 << 30, ge=1 << 20,
+        description="loaded session keys kept per worker, in bytes (estimated in memory)")
+    worker_key_cache_tenant_bytes: int = Field(
+        default=512 << 20, ge=1 << 20,
+        description="share of a worker's key cache one API key may hold")
     worker_cache_models: int = Field(default=4, ge=1,
                                      description="compiled plans kept per worker (LRU)")
     allow_insecure_params: bool = Field(default=False,

@@ -22,8 +22,8 @@ from heinfer_server import store as st
 from heinfer_server.errors import ApiError
 from heinfer_server.limits import Limiter
 from heinfer_server.metrics import Metrics
+from heinfer_server.pool import EvalPool
 from heinfer_server.settings import Settings
-from heinfer_server.workers import EvalPool
 
 log = logging.getLogger("heinfer.server")
 

@@ -8,40 +8,36 @@ Jobs carry file paths for keys and plans (large, on disk already). A ciphertext 
 as bytes when small, and as a file path when large (`PredictJob.body_path`, written by the API
 to /dev/shm when there is one, else a temporary file): big bodies skip the pool's pipe.
 
-Each worker keeps two bounded LRU caches: compiled plans by plan hash (kernels with their
-plaintexts encoded once) and session backends by session id (keys loaded from disk once). A
-session backend comes from `Backend.with_eval_keys`: it shares the plan's backend context, so
-plaintexts encoded for the plan and keys loaded for the session live under the same context.
+Each worker keeps two bounded caches: compiled plans by plan hash (LRU by count: kernels with
+their plaintexts encoded once) and session backends by session id (keys loaded from disk once),
+bounded in bytes overall and per tenant (`keycache.KeyCache`). A session backend comes from
+`Backend.with_eval_keys`: it shares the plan's backend context, so plaintexts encoded for the
+plan and keys loaded for the session live under the same context.
 Every key operation (loading, the secret-key probe, coverage of the rotation steps) goes through
 the backend: this module never imports a SEAL binding.
 
-Limits: the pool admits `workers + max_queue` jobs; one more answers 503 with Retry-After. A job
-over its time limit answers 504; a job still queued is cancelled, a running one cannot be
-interrupted and keeps its worker (and its queue slot) until it finishes. A crashed worker breaks
-the pool: it is rebuilt and the request answers 503 (the SDK retries).
+The API side of the pool (admission, per-tenant fair queue, crash isolation) is `pool.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 import logging
 import math
-import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
+import traceback
 from collections import OrderedDict
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from heinfer_server import seal_format
 from heinfer_server.errors import ApiError
+from heinfer_server.keycache import KeyCache
 from heinfer_server.keycheck import seal_header_ok, tenseal_context_secret
 
 log = logging.getLogger("heinfer.server")
@@ -52,14 +48,16 @@ KEY_FILES = {"RELIN_KEYS": "relin.seal", "GALOIS_KEYS": "galois.seal",
 # -- worker side ------------------------------------------------------------------------------
 _PLANS: OrderedDict[str, Any] = OrderedDict()
 _EXPECT: OrderedDict[str, seal_format.Expect] = OrderedDict()
-_SESSIONS: OrderedDict[str, Any] = OrderedDict()
-_LIMITS = {"models": 4, "sessions": 4}
+_SESSIONS = KeyCache(1 << 30, 512 << 20)
+_LIMITS = {"models": 4}
 
 
-def _init_worker(parent_pid: int, max_models: int, max_sessions: int) -> None:
+def _init_worker(parent_pid: int, max_models: int, key_bytes: int, tenant_bytes: int) -> None:
     """Runs once in each worker: cache sizes, and exit when the API process is gone (after a
-    kill -9 nothing else would tell a worker blocked on its call queue)."""
-    _LIMITS.update(models=max_models, sessions=max_sessions)
+    kill -9 nothing else would tell a worker blocked on its pipe)."""
+    global _SESSIONS
+    _LIMITS.update(models=max_models)
+    _SESSIONS = KeyCache(key_bytes, tenant_bytes)
     # Ctrl-C in a terminal signals the whole group: the API process stops the pool in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -71,10 +69,6 @@ def _init_worker(parent_pid: int, max_models: int, max_sessions: int) -> None:
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     import heinfer.plan  # noqa: F401  (import tenseal and numpy now, not in the first request)
-
-
-def ping() -> int:
-    return os.getpid()
 
 
 def _lru_put(cache: OrderedDict, key: str, value: Any, limit: int) -> None:
@@ -124,23 +118,30 @@ def _stored_keys(d: Path, steps: list[int]):
                         galois.read_bytes() if galois.exists() else b"", list(steps))
 
 
-def _session_backend(session_id: str, key_dir: str, compiled):
+def _key_cost(keys) -> int:
+    """Bytes a loaded key set holds, estimated as twice its stored size (clients send seeded
+    keys: SEAL stores half of each key-switching polynomial pair and expands it on load)."""
+    return 2 * (len(keys.relin_keys) + len(keys.galois_keys))
+
+
+def _session_backend(session_id: str, key_dir: str, compiled, tenant: str):
+    """The session's backend and whether it came from the cache."""
     from heinfer.errors import HeinferError
 
     cache_key = f"{session_id}:{compiled.spec.plan_hash}"
     hit = _SESSIONS.get(cache_key)
     if hit is not None:
-        _SESSIONS.move_to_end(cache_key)
-        return hit
+        return hit, True
     d = Path(key_dir)
     if not (d / KEY_FILES["RELIN_KEYS"]).exists():  # deleted or expired since the API checked
         raise ApiError("unknown_session", f"session {session_id} was closed meanwhile")
     try:
-        be = compiled.backend.with_eval_keys(_stored_keys(d, compiled.spec.rotation_steps))
+        keys = _stored_keys(d, compiled.spec.rotation_steps)
+        be = compiled.backend.with_eval_keys(keys)
     except (HeinferError, OSError) as e:
         raise ApiError("internal", f"stored keys of session {session_id} do not load: {e}") from e
-    _lru_put(_SESSIONS, cache_key, be, _LIMITS["sessions"])
-    return be
+    _SESSIONS.put(cache_key, tenant, _key_cost(keys), be)
+    return be, False
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class KeyJob:
     plan_path: str
     plan_hash: str
     session_id: str
+    owner: str = ""  # the tenant whose share of the key cache holds these keys
 
 
 def validate_keys(job: KeyJob) -> dict[str, int]:
@@ -237,8 +239,8 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
     steps = compiled.spec.rotation_steps
     public = dest / KEY_FILES["PUBLIC_KEY"]
     try:
-        session_be = be.with_eval_keys(_stored_keys(dest, steps),
-                                       public.read_bytes() if public.exists() else None)
+        keys = _stored_keys(dest, steps)
+        session_be = be.with_eval_keys(keys, public.read_bytes() if public.exists() else None)
     except SecretKeyError as e:
         raise ApiError("secret_key_refused", str(e)) from e
     except (ParamsMismatchError, SerializationError) as e:
@@ -252,7 +254,7 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
     except Exception as e:  # whatever else a loader raises is the upload's, never a 500
         raise ApiError("params_mismatch", f"the keys do not load under the model's parameters "
                        f"({params.describe()}): {type(e).__name__}") from e
-    _lru_put(_SESSIONS, f"{job.session_id}:{job.plan_hash}", session_be, _LIMITS["sessions"])
+    _SESSIONS.put(f"{job.session_id}:{job.plan_hash}", job.owner, _key_cost(keys), session_be)
     return sizes
 
 
@@ -267,16 +269,17 @@ class PredictJob:
     n_inputs: int
     max_item_bytes: int
     body_path: str | None = None  # large bodies travel as a file in RAM, not through the pipe
+    owner: str = ""
 
 
-def predict(job: PredictJob) -> tuple[bytes, float]:
+def predict(job: PredictJob) -> tuple[bytes, float, bool]:
     """Evaluate the plan on the body's ciphertexts with the session's keys.
-    Returns (output body in heinfer wire framing, seconds of HE work)."""
+    Returns (output body in heinfer wire framing, seconds of HE work, key cache hit)."""
     from heinfer import wire
 
     t0 = time.perf_counter()
     compiled = _compiled(job.plan_path, job.plan_hash)
-    be = _session_backend(job.session_id, job.key_dir, compiled)
+    be, cached = _session_backend(job.session_id, job.key_dir, compiled, job.owner)
     body = Path(job.body_path).read_bytes() if job.body_path else job.body
     items = wire.decode_ciphertexts(body, expected_count=job.n_inputs,
                                     max_item_bytes=job.max_item_bytes)
@@ -304,130 +307,39 @@ def predict(job: PredictJob) -> tuple[bytes, float]:
         cts.append(ct)
     out = compiled.run(cts, backend=be)
     body = wire.encode_ciphertexts([be.ciphertext_to_bytes(c) for c in out])
-    return body, time.perf_counter() - t0
+    return body, time.perf_counter() - t0, cached
 
 
-def forget_session(session_id: str) -> None:
-    for k in [k for k in _SESSIONS if k.startswith(session_id + ":")]:
-        del _SESSIONS[k]
+def _portable(exc: BaseException) -> tuple[BaseException, str | None]:
+    """The exception as it can cross the pipe, with the worker-side traceback of unexpected
+    ones (a client error needs none)."""
+    tb = None if isinstance(exc, ApiError) else "".join(traceback.format_exception(exc))
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc, tb
 
 
-# -- API side ---------------------------------------------------------------------------------
-class EvalPool:
-    """Bounded admission in front of a ProcessPoolExecutor (see the module docstring)."""
-
-    def __init__(self, *, workers: int, max_queue: int, start_method: str, cache_models: int,
-                 cache_sessions: int, metrics=None):
-        self.workers = workers
-        self.capacity = workers + max_queue
-        self._start_method = start_method
-        self._init_args = (os.getpid(), cache_models, cache_sessions)
-        self._metrics = metrics
-        self._pending = 0
-        self._eval_avg = 1.0  # seconds, moving average, for Retry-After
-        self._executor = self._new_executor()
-        self.ready = False
-
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # one BLAS thread per worker (spawned workers read this at import): the workers take a
-        # core each already, and OpenBLAS threads competing for them made the key check's
-        # matrix products 10x slower on a busy machine (docs/SERVICE.md, "Secret keys")
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        return ProcessPoolExecutor(max_workers=self.workers,
-                                   mp_context=multiprocessing.get_context(self._start_method),
-                                   initializer=_init_worker, initargs=self._init_args)
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    async def warm_up(self) -> None:
-        """Start every worker now (imports take a second each), then report ready."""
-        seen: set[int] = set()
-        for _ in range(100):  # until each worker has answered (its initializer then ran)
-            futs = [self._executor.submit(ping) for _ in range(self.workers * 2)]
-            seen |= set(await asyncio.gather(*(asyncio.wrap_future(f) for f in futs)))
-            if len(seen) >= self.workers:
-                break
-            await asyncio.sleep(0.05)
-        self.ready = True
-        if self._metrics:
-            self._metrics.workers.set(self.workers)
-
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self._eval_avg * self._pending / self.workers))
-
-    def _release(self, _: Future) -> None:
-        self._pending -= 1
-        if self._metrics:
-            self._metrics.queue_depth.set(self._pending)
-
-    async def run(self, fn, *args, timeout: float, queue: bool = True) -> Any:
-        """Run fn(*args) in a worker. `queue=False` jobs (admin, session checks) still count
-        but are never refused: they are rare and must not fail because predicts are busy."""
-        if queue and self._pending >= self.capacity:
-            if self._metrics:
-                self._metrics.queue_rejections.inc()
-            raise ApiError("overloaded", f"all {self.workers} workers busy and "
-                           f"{self.capacity - self.workers} request(s) waiting; retry later",
-                           headers={"Retry-After": str(self.retry_after())})
-        loop = asyncio.get_running_loop()
-        executor = self._executor
+def worker_main(conn, init_args: tuple) -> None:
+    """A pool worker's whole life (pool.py): say ready, then one job at a time. "start" is sent
+    before the job runs, so the API knows whether a job it lost with a dead worker had begun."""
+    _init_worker(*init_args)
+    conn.send(("ready", os.getpid()))
+    while True:
         try:
-            fut = executor.submit(fn, *args)
-        except (BrokenProcessPool, RuntimeError):
-            self._rebuild(executor)
-            raise ApiError("worker_crashed", "the worker pool was restarting; retry",
-                           headers={"Retry-After": "1"}) from None
-        self._pending += 1
-        if self._metrics:
-            self._metrics.queue_depth.set(self._pending)
-        def done(f: Future) -> None:
-            try:
-                loop.call_soon_threadsafe(self._release, f)
-            except RuntimeError:  # the loop closed (shutdown) while the job ran
-                pass
-
-        fut.add_done_callback(done)
-        t0 = time.perf_counter()
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, args = msg
+        conn.send(("start", None))
         try:
-            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
-        except TimeoutError:
-            fut.cancel()  # succeeds only while still queued
-            raise ApiError("timeout", f"evaluation took longer than the {timeout:g} s "
-                           "limit") from None
-        except BrokenProcessPool:
-            self._rebuild(executor)
-            raise ApiError("worker_crashed", "a worker process died during this request; "
-                           "retry", headers={"Retry-After": "1"}) from None
-        self._eval_avg = 0.8 * self._eval_avg + 0.2 * (time.perf_counter() - t0)
-        return result
-
-    def _rebuild(self, broken: ProcessPoolExecutor) -> None:
-        """Replace a broken executor once, however many requests saw it break."""
-        if self._executor is broken:
-            log.error("worker pool broken; starting a new one")
-            self._executor = self._new_executor()
-            broken.shutdown(wait=False, cancel_futures=True)
-
-    def shutdown(self, grace: float = 5.0) -> None:
-        """Stop and reap the workers, then free the pool's queues now. uvicorn re-raises the
-        signal that stopped it, so the process dies without running exit handlers: queues
-        still alive then leak their semaphores (`resource_tracker: ... leaked semaphore
-        objects`)."""
-        ex = self._executor
-        procs = list((getattr(ex, "_processes", None) or {}).values())
-        manager = getattr(ex, "_executor_manager_thread", None)
-        ex.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + grace
-        for p in procs:  # a running job may finish within the grace period
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(2.0)
-        if manager is not None:
-            manager.join(2.0)
-        del procs, manager
-        multiprocessing.active_children()  # forget the reaped workers (they hold the queues)
-        gc.collect()  # the queues' finalizers unlink their semaphores
+            reply: tuple = ("ok", fn(*args))
+        except BaseException as e:  # noqa: BLE001  (every failure goes back to its request)
+            reply = ("err", _portable(e))
+        try:
+            conn.send(reply)
+        except Exception as e:  # a result that does not pickle: a bug, reported as one
+            conn.send(("err", _portable(RuntimeError(f"result not sendable: {e!r}"))))

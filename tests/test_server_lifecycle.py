@@ -206,12 +206,6 @@ def test_a_dead_worker_is_replaced(busy, tmp_path):
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     x = np.zeros((1, 6, 6))
-    statuses = []
-    for _ in range(20):  # bounded: the pool is rebuilt after the first failure
-        r = post_predict(alice, "tiny", sid, ct_body(keys, x))
-        statuses.append(r.status_code)
-        if r.status_code == 200:
-            break
-        problem(r, 503, "worker_crashed")
-        time.sleep(0.2)
-    assert statuses[-1] == 200, statuses
+    # the idle worker's death is not this request's: it runs on a fresh worker
+    r = post_predict(alice, "tiny", sid, ct_body(keys, x))
+    assert np.abs(decrypt(keys, r) - tiny_model().forward(x)).max() < 1e-2

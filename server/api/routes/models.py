@@ -72,7 +72,8 @@ async def install_plan(state: ServerState, json_path, *, name: str | None,
     Returns (row, created). Re-adding the same plan under the same name is a no-op."""
     info = await state.pool.run(workers.inspect_plan, str(json_path),
                                 state.settings.allow_insecure_params,
-                                timeout=state.settings.setup_timeout_s, queue=False)
+                                timeout=state.settings.setup_timeout_s, queue=False,
+                                tenant="admin")
     name = check_name(name or info.name)
     old = st.get_model(state.store, name=name)
     if old is not None and old.plan_hash == info.plan_hash:

@@ -90,10 +90,11 @@ async def predict(
     job = workers.PredictJob(model.name, str(plan_path), model.plan_hash, session.id,
                              str(key_dir),
                              b"" if body_path else body, model.n_inputs, item_limit,
-                             body_path=body_path)
+                             body_path=body_path, owner=principal.id)
     try:
-        out, seconds = await state.pool.run(workers.predict, job,
-                                            timeout=state.settings.request_timeout_s)
+        out, seconds, cached = await state.pool.run(
+            workers.predict, job, timeout=state.settings.request_timeout_s,
+            tenant=principal.id, affinity=session.id)
     except BaseException:
         if body_path:
             shred(body_path)  # may be a refused one (a secret key)
@@ -101,6 +102,7 @@ async def predict(
     if body_path:
         os.unlink(body_path)
     state.metrics.he_seconds.labels(model.name).observe(seconds)
+    state.metrics.key_cache.labels("hit" if cached else "miss").inc()
     state.metrics.bytes_out.labels("/v1/models/{name}/predict").inc(len(out))
     state.touch_session(session.id)
     return Response(out, media_type=BINARY,

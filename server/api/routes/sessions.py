@@ -104,9 +104,9 @@ async def create_session(
         job = workers.KeyJob(str(upload), tuple((x.type.name, x.offset, x.length)
                                                  for x in frame.sections),
                              str(staged), str(state.store.path(row.plan_path)), row.plan_hash,
-                             sid)
-        sections = await state.pool.run(workers.validate_keys, job,
-                                         timeout=s.setup_timeout_s)
+                             sid, owner=principal.id)
+        sections = await state.pool.run(workers.validate_keys, job, timeout=s.setup_timeout_s,
+                                         tenant=principal.id, affinity=sid)
         upload.unlink()
         # the row's fields next to the keys: a lost database can be rebuilt (recovery.adopt)
         recovery.write_sidecar(staged, {"id": sid, "owner": principal.id, "model": model,
