@@ -1,6 +1,6 @@
 """The server over time, through real HTTP: kill -9 and restart with sessions intact, idle
 expiry, time limits and storage quotas, a burst that fills the queue (503 + Retry-After,
-accepted requests all correct), and a worker that dies mid-flight."""
+accepted requests all correct), and idle workers killed (more in test_server_isolation.py)."""
 
 from __future__ import annotations
 
