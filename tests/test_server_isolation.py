@@ -171,7 +171,7 @@ def test_the_sdk_does_not_retry_a_request_that_crashed_a_worker(two_workers, tmp
 
     def predict() -> None:
         try:
-            outcome.append(session.predict(X))
+            outcome.append(session.predict(X, normalized=True))
         except Exception as e:  # noqa: BLE001  (the assertion below says which)
             outcome.append(e)
 
