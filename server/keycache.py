@@ -65,6 +65,11 @@ class KeyCache:
         if not self._tenants[tenant]:
             del self._tenants[tenant]
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self._tenants.clear()
+        self.total = 0
+
     def forget_prefix(self, prefix: str) -> None:
         for k in [k for k in self._entries if k.startswith(prefix)]:
             self.pop(k)

@@ -265,3 +265,19 @@ def test_twelve_sessions_of_one_key_do_not_evict_another_keys_cached_keys(one_wo
     assert h1 >= h0 + 13  # alice's own fresh sessions were cached too
     decrypt(keys, post_predict(bob, "tiny", bob_sid, body))
     assert metric(srv.url, hits) == h1 + 1  # bob's keys were still loaded
+
+
+def test_key_cache_policy_evicts_the_heaviest_tenant_first():
+    from heinfer_server.keycache import KeyCache
+
+    c = KeyCache(max_bytes=100, tenant_bytes=50)
+    c.put("b1", "bob", 20, "B1")
+    for i in range(12):  # alice cycles sessions: only her own entries go
+        c.put(f"a{i}", "alice", 20, i)
+        assert c.tenant_usage("alice") <= 50 and c.get("b1") == "B1"
+    assert len(c) == 3 and c.get("a11") == 11 and c.get("a9") is None
+    c.put("c1", "carol", 30, "C1")
+    c.put("d1", "dave", 15, "D1")  # 105 in all: alice (the heaviest, 40) loses her oldest
+    assert c.total == 85 and c.get("a10") is None and c.get("a11") == 11
+    assert c.get("b1") == "B1" and c.get("c1") == "C1" and c.get("d1") == "D1"
+    assert not c.put("big", "dave", 51, "D") and "big" not in c  # larger than a share

@@ -124,10 +124,11 @@ def test_predict_in_worker_matches_the_model(setup):
     limit = wire.ciphertext_bytes_bound(4096, plan.params.data_primes)
     job = workers.PredictJob("tiny", str(path), plan.hash(), "s_pxxxxxx", str(d / "p.keys"),
                              keys.encode_encrypt(x), 1, limit)
-    out, seconds = workers.predict(job)
+    out, seconds, cached = workers.predict(job)
     got = keys.decrypt_decode(out)
     assert np.abs(got - tiny_model().forward(x)).max() < 1e-2
-    assert 0 < seconds < 30
+    assert 0 < seconds < 30 and not cached
+    assert workers.predict(job)[2]  # the second time from the key cache
 
 
 def test_predict_refuses_wrong_ciphertexts(setup):
