@@ -62,13 +62,44 @@ def batchnorm(x: np.ndarray, scale, bias, mean, var, eps: float) -> np.ndarray:
     return (x - np.reshape(mean, shape)) * np.reshape(s, shape) + np.reshape(bias, shape)
 
 
+def _erf(x: np.ndarray) -> np.ndarray:
+    import math
+
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
 ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0.0),
+    "relu6": lambda x: np.clip(x, 0.0, 6.0),
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
     "tanh": np.tanh,
     "silu": lambda x: x / (1.0 + np.exp(-x)),
     "square": lambda x: x * x,
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0))),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi)
+                                                     * (x + 0.044715 * x**3))),
+    "hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "hardsigmoid": lambda x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "softplus": _softplus,
+    "mish": lambda x: x * np.tanh(_softplus(x)),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
 }
+# Activations with parameters in the layer's attrs
+PARAM_ACTIVATIONS = {
+    "clip": lambda x, a: np.clip(x, a["min"], a["max"]),
+    "leaky_relu": lambda x, a: np.where(x > 0, x, a["alpha"] * x),
+}
+
+
+def activation(x: np.ndarray, attrs: dict) -> np.ndarray:
+    fn = attrs["fn"]
+    if fn in PARAM_ACTIVATIONS:
+        return PARAM_ACTIVATIONS[fn](x, attrs)
+    return ACTIVATIONS[fn](x)
 
 
 def forward_layer(layer: Any, x: np.ndarray) -> np.ndarray:
@@ -87,7 +118,7 @@ def forward_layer(layer: Any, x: np.ndarray) -> np.ndarray:
     if layer.op == "maxpool2d":
         return maxpool2d(x, a["kernel"], a.get("stride", a["kernel"]))
     if layer.op == "activation":
-        return ACTIVATIONS[a["fn"]](x)
+        return activation(x, a)
     if layer.op == "batchnorm":
         return batchnorm(x, a["scale"], a["bias"], a["mean"], a["var"], a.get("eps", 1e-5))
     if layer.op == "dropout":

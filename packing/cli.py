@@ -3,6 +3,7 @@
     heinfer-compile fmnist-cryptonets --out plans/fmnist-cryptonets [--first-conv rotation]
     heinfer-compile path/to/model_dir --out plans/mine
     heinfer-compile model.onnx --calib-fmnist 512 --degree 2 --out plans/mine
+    heinfer-compile model.pt --input-shape 3,64,64 --calib-images photos/ --out plans/mine
     heinfer-compile fmnist-cryptonets --objective latency --max-key-mb 20
     heinfer-compile alexnet-imagenet-224   # plan and price a topology (random weights)
     heinfer-compile fmnist-cryptonets --first-conv rotation --max-keys 8   # compose the rest
@@ -16,11 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from heinfer.errors import ModelFormatError
 from heinfer.names import MODEL_NAME_RE, is_model_name, to_model_name
 from heinfer.progress import Phase
+from heinfer_packing import calib_data
 from heinfer_packing.calibrate import calibration_path, load_or_calibrate
 from heinfer_packing.keys import apply_key_budget
 from heinfer_packing.lower import lower
@@ -30,12 +30,21 @@ from heinfer_packing.rewrites import format_records, rewrite
 from heinfer_packing.search import OBJECTIVES, candidates, choose, trade_off_table
 
 
-def _load(source: str):
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(v) for v in text.split(",")]
+
+
+def _load(source: str, input_shape: str | None = None):
     path = Path(source)
     if path.suffix == ".onnx":
         from heinfer_packing.onnx_import import load_onnx
 
         return load_onnx(path)
+    if path.suffix in (".pt", ".pth", ".pt2"):
+        from heinfer_packing.torch_import import load_torch_file
+
+        shape = None if input_shape is None else tuple(int(v) for v in input_shape.split(","))
+        return load_torch_file(path, shape)
     if (path / "model.json").exists():
         return load_model(path)
     from heinfer_models import alexnet, zoo
@@ -95,7 +104,8 @@ def _compile_conformal(net, args) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="heinfer-compile", description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="model directory (model.json + weights.npz) or zoo name")
+    ap.add_argument("model", help="model directory (model.json + weights.npz), zoo name, "
+                    "model.onnx, or a PyTorch model.pt/.pth (torch.save) or .pt2 (torch.export)")
     ap.add_argument("--out", help="plan path prefix (writes PREFIX.plan.json/.npz/.report.txt)")
     ap.add_argument("--name", help="model name in the plan, served under it: lowercase letters, "
                     "digits, '.', '_', '-' (default: the model's name, lowercased and with "
@@ -106,6 +116,15 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-fmnist", type=int, default=0, metavar="N",
                     help="use N Fashion-MNIST training images (labelled) as calibration data")
     ap.add_argument("--calib-npz", help="calibration data: npz with x (N, ...) and optional y")
+    ap.add_argument("--calib-images", metavar="DIR",
+                    help="calibration images (Pillow: png, jpg, ...) resized to the input; "
+                         "class sub-folders give labels")
+    ap.add_argument("--calib-limit", type=int, default=0, metavar="N",
+                    help="use at most N of the --calib-images")
+    ap.add_argument("--image-mean", help="per-channel mean subtracted from [0, 1] images")
+    ap.add_argument("--image-std", help="per-channel std the images are divided by")
+    ap.add_argument("--input-shape", metavar="C,H,W",
+                    help="input shape of a torch.save'd module (.pt/.pth)")
     ap.add_argument("--degree", type=int, default=2, help="degree of fitted activations")
     ap.add_argument("--compact", choices=["auto", "always", "interleaved", "never"],
                     default="auto",
@@ -138,23 +157,24 @@ def _main(argv: list[str] | None = None) -> int:
     show = not args.no_progress
     if args.name is not None:  # a wrong --name fails before any work
         plan_name(args.name, args.name)
-    model = _load(args.model)
+    model = _load(args.model, args.input_shape)
     from heinfer_packing.conformal import ConformalNet
 
     if isinstance(model, ConformalNet):
         model.metadata["name"] = plan_name(model.metadata.get("name", "conformal"), args.name)
         return _compile_conformal(model, args)
     model.name = plan_name(model.name, args.name)
+    for note in model.metadata.get("import_notes", []):
+        print(f"import note: {note}")
     calib_x = calib_y = None
     if args.calib_npz:
-        with np.load(args.calib_npz) as data:
-            calib_x, calib_y = data["x"], data["y"] if "y" in data else None
+        calib_x, calib_y = calib_data.from_npz(args.calib_npz, model.input_shape)
+    elif args.calib_images:
+        calib_x, calib_y = calib_data.from_images(
+            args.calib_images, model.input_shape, args.calib_limit or None,
+            _floats(args.image_mean), _floats(args.image_std))
     elif args.calib_fmnist:
-        from heinfer_models import fashion_mnist
-
-        images, labels = fashion_mnist.load("train")
-        calib_x = fashion_mnist.normalize(images[: args.calib_fmnist])
-        calib_y = labels[: args.calib_fmnist]
+        calib_x, calib_y = calib_data.from_fmnist(args.calib_fmnist, model.input_shape)
     with Phase(f"rewriting {model.name} for HE" + (f" (fitting on {len(calib_x)} images)"
                                                    if calib_x is not None else ""),
                disable=not show):

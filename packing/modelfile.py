@@ -20,8 +20,10 @@ npz under `L.weight` / `L.bias`. Supported ops and their tensors:
 | dense      | -                                      | weight (out, in), bias (out)       |
 
 Before HE-friendly rewrites a model may also hold `maxpool2d` (kernel, stride), `activation`
-(fn: relu, sigmoid, tanh, silu, square), `batchnorm` (scale, bias, mean, var, eps as attrs) and
-`dropout`; `packing.rewrites` turns them into the ops above.
+(fn: any of `heinfer.reference.ACTIVATIONS`, or clip with min/max, leaky_relu with alpha),
+`batchnorm` (scale, bias, mean, var, eps as attrs; with eps 0, var 1, mean 0 and `affine` it is
+an affine map x * scale + bias from ONNX arithmetic) and `dropout`; `packing.rewrites` turns them
+into the ops above.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """HE-friendly rewrites: named passes, each Model -> Model, run top to bottom by `rewrite()`.
 
     remove_dropout        dropout is the identity at inference
-    fold_batchnorm        eval-mode BatchNorm folded into the preceding conv/dense (exact)
+    fold_batchnorm        eval-mode BatchNorm and affine maps folded into the preceding
+                          conv/dense, else into the next one (exact)
     maxpool_to_avgpool    max pooling has no low-degree polynomial form: average pooling instead
     merge_dense           dense followed by dense (nothing between) is one dense: one level less
     fit_activations       ReLU, sigmoid, ... -> least-squares polynomial on the values the
@@ -21,6 +22,7 @@ import numpy as np
 from heinfer.errors import ModelFormatError
 from heinfer.reference import forward_layer
 from heinfer_packing.modelfile import HE_OPS, Layer, Model
+from heinfer_packing.onnx_identify import affine_layer
 
 
 @dataclass
@@ -37,17 +39,57 @@ def remove_dropout(model: Model, **_) -> tuple[Model, list[str], bool]:
     return _with_layers(model, kept), changes, True
 
 
+# Layers an affine map per channel passes through unchanged in form (to fold it forward)
+_AFFINE_COMMUTES = ("flatten", "avgpool2d", "dropout")
+
+
+def _fold_forward(layers: list[Layer], i: int) -> str:
+    """Fold the affine (batchnorm-form) layers[i] into the next linear layer; returns its name.
+    Exact: average pooling and flatten commute with a per-channel affine map; a shift before a
+    zero-padded convolution would change the border, so that is refused."""
+    bn = layers[i]
+    a = bn.attrs
+    s = np.asarray(a["scale"]) / np.sqrt(np.asarray(a["var"]) + a.get("eps", 1e-5))
+    shift = np.asarray(a["bias"]) - np.asarray(a["mean"]) * s
+    j = i + 1
+    while j < len(layers) and layers[j].op in _AFFINE_COMMUTES:
+        j += 1
+    if j == len(layers) or layers[j].op not in ("conv2d", "dense"):
+        raise ModelFormatError(f"{bn.name}: a BatchNorm or affine map (x * a + b) must be next to "
+                               "a conv or dense layer to be folded (found "
+                               f"{layers[j].op if j < len(layers) else 'the end'} after it)")
+    nxt = copy.copy(layers[j])
+    w = np.asarray(nxt.weight, dtype=np.float64)
+    b = np.zeros(w.shape[0]) if nxt.bias is None else np.asarray(nxt.bias, dtype=np.float64)
+    if nxt.op == "conv2d":
+        if nxt.attrs.get("padding", 0) and np.any(shift != 0):
+            raise ModelFormatError(f"{bn.name}: an affine map with a shift before the padded "
+                                   f"convolution {nxt.name} cannot be folded exactly (normalise "
+                                   "the input on the client instead)")
+        nxt.bias = b + np.einsum("ocij,c->o", w, shift)
+        nxt.weight = w * s[None, :, None, None]
+    else:
+        per = w.shape[1] // len(s)  # a flattened (C, H, W) map: H*W inputs per channel
+        nxt.weight = w * np.repeat(s, per)[None]
+        nxt.bias = b + w @ np.repeat(shift, per)
+    layers[j] = nxt
+    return nxt.name
+
+
 def fold_batchnorm(model: Model, **_) -> tuple[Model, list[str], bool]:
+    """BatchNorm and affine maps (x * a + b, from ONNX arithmetic with constants) into the
+    preceding conv/dense layer, else into the next one."""
     out: list[Layer] = []
     changes = []
-    for layer in model.layers:
+    layers = list(model.layers)
+    for i, layer in enumerate(layers):
         if layer.op != "batchnorm":
             out.append(copy.copy(layer))
             continue
         prev = out[-1] if out else None
         if prev is None or prev.op not in ("conv2d", "dense"):
-            raise ModelFormatError(f"{layer.name}: BatchNorm must follow a conv or dense layer "
-                                   "to be folded")
+            changes.append(f"folded {layer.name} into {_fold_forward(layers, i)} (after it)")
+            continue
         a = layer.attrs
         s = np.asarray(a["scale"]) / np.sqrt(np.asarray(a["var"]) + a.get("eps", 1e-5))
         w = prev.weight * s.reshape((-1,) + (1,) * (prev.weight.ndim - 1))
@@ -74,7 +116,7 @@ def merge_dense(model: Model, **_) -> tuple[Model, list[str], bool]:
     for layer in model.layers:
         prev = out[-1] if out else None
         if layer.op == "dense" and prev is not None and prev.op == "dense":
-            b_prev = prev.bias if prev.bias is not None else 0.0
+            b_prev = prev.bias if prev.bias is not None else np.zeros(prev.weight.shape[0])
             b = (layer.bias if layer.bias is not None else 0.0) + layer.weight @ b_prev
             out[-1] = Layer(f"{prev.name}+{layer.name}", "dense", {}, layer.weight @ prev.weight,
                             np.asarray(b, dtype=np.float64))
@@ -115,12 +157,30 @@ def fit_activations(model: Model, calib_x: np.ndarray | None = None, degree: int
         xs = np.concatenate([v, grid])
         ys = forward_layer(layers[i], xs)
         coeffs = np.polynomial.polynomial.polyfit(xs, ys, degree)
+        # a term worth nothing on the range is a rounding residue (hardswish is exactly
+        # x/2 + x^2/6 near 0): drop it, or its plaintext would encode to zero
+        reach = max(abs(lo), abs(hi), 1e-12) ** np.arange(degree + 1)
+        coeffs[np.abs(coeffs) * reach < 1e-6 * (np.abs(coeffs) * reach).max()] = 0.0
+        if not np.any(coeffs[2:]):
+            # linear where the data lies (a clip never reached): an affine map, folded into a
+            # neighbouring linear layer below instead of a polynomial on ciphertexts
+            n = len(values[0]) if x.ndim == 1 else x.shape[0]
+            layers[i] = affine_layer(layers[i].name, np.full(n, coeffs[1]), np.full(n, coeffs[0]))
+            changes.append(f"{layers[i].name}: {fn} is linear on [{lo:.2f}, {hi:.2f}]: "
+                           "folded as x * a + b")
+            exact = False
+            continue
         layers[i] = Layer(layers[i].name, "poly", {"coeffs": [float(c) for c in coeffs],
                                                    "fitted": fn, "range": [lo, hi]})
         changes.append(f"{layers[i].name}: {fn} -> degree-{degree} polynomial on "
                        f"[{lo:.2f}, {hi:.2f}]")
         exact = False
-    return _with_layers(model, layers), changes, exact
+    out = _with_layers(model, layers)
+    if any(layer.op == "batchnorm" for layer in layers):
+        for p in (fold_batchnorm, merge_dense):
+            out, more, _ = p(out)
+            changes += more
+    return out, changes, exact
 
 
 PASSES = [remove_dropout, fold_batchnorm, maxpool_to_avgpool, merge_dense, fit_activations]
@@ -139,6 +199,12 @@ def rewrite(model: Model, calib_x: np.ndarray | None = None, calib_y: np.ndarray
             degree: int = 2) -> tuple[Model, list[RewriteRecord]]:
     """Run every pass; returns the HE-friendly model and one record per pass (with plaintext
     accuracy on the labelled calibration data when given)."""
+    from heinfer_packing.calib_data import check_shape
+
+    if calib_x is not None:  # a mismatch is one clear error, not an assertion deep in a layer
+        calib_x = check_shape(calib_x, model.input_shape, "calib_x")
+    if calib_y is not None and (calib_x is None or len(calib_y) != len(calib_x)):
+        raise ModelFormatError("calibration labels need calibration images, one label each")
     records = []
     if calib_y is not None:
         records.append(RewriteRecord("original", [], True, _accuracy(model, calib_x, calib_y)))

@@ -51,9 +51,10 @@ def _cnn_onnx(path, rng, extra_node=None):
 def test_import_matches_onnx_reference(tmp_path, rng):
     proto = _cnn_onnx(tmp_path / "m.onnx", rng)
     model = load_onnx(tmp_path / "m.onnx")
+    # onnxscript's optimizer folds the BatchNorm into the Conv and removes the Dropout
     assert [layer.op for layer in model.layers] == [
-        "conv2d", "batchnorm", "activation", "maxpool2d", "flatten", "dense", "activation",
-        "dropout", "dense", "dense"]
+        "conv2d", "activation", "maxpool2d", "flatten", "dense", "activation", "dense", "dense"]
+    assert model.metadata["import_check_error"] < 1e-6
     ref = ReferenceEvaluator(proto)
     for _ in range(3):
         x = rng.normal(size=(1, 8, 8))
@@ -62,8 +63,9 @@ def test_import_matches_onnx_reference(tmp_path, rng):
 
 
 def test_unsupported_operator_is_named(tmp_path, rng):
-    _cnn_onnx(tmp_path / "m.onnx", rng, helper.make_node("Softmax", ["y"], ["z"], name="soft"))
-    with pytest.raises(ModelFormatError, match="'soft' uses operator 'Softmax'.*supported"):
+    _cnn_onnx(tmp_path / "m.onnx", rng, helper.make_node("Hardmax", ["y"], ["z"], name="hard"))
+    with pytest.raises(ModelFormatError,
+                       match="'hard' \\(Hardmax\\): operator 'Hardmax'.*supported"):
         load_onnx(tmp_path / "m.onnx")
 
 
@@ -76,7 +78,7 @@ def test_exact_rewrites_keep_the_function(tmp_path, rng):
     for p in (remove_dropout, fold_batchnorm, merge_dense):
         folded, _, exact = p(folded)
         assert exact
-    assert len(folded.layers) == len(model.layers) - 3
+    assert len(folded.layers) == len(model.layers) - 1  # the last two Gemms merged
     x = rng.normal(size=(1, 8, 8))
     np.testing.assert_allclose(folded.forward(x), model.forward(x), rtol=1e-10, atol=1e-10)
 
@@ -88,7 +90,7 @@ def test_rewrites_then_encrypted(tmp_path, rng):
     labels = np.array([int(np.argmax(model.forward(x))) for x in calib])
     he_model, records = rewrite(model, calib, labels, degree=2)
     names = {r.name: r for r in records}
-    assert names["fold_batchnorm"].exact and names["fold_batchnorm"].changes
+    assert names["fold_batchnorm"].exact
     assert len(names["merge_dense"].changes) == 1
     assert not names["fit_activations"].exact and not names["maxpool_to_avgpool"].exact
     assert names["original"].accuracy == 1.0
