@@ -8,6 +8,7 @@ metrics live in the one API process. TLS: `--ssl-certfile/--ssl-keyfile` (uvicor
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _unservable_name(plan: Path) -> str | None:
+    """Why a preloaded plan's name cannot be served, or None (other checks: the workers')."""
+    from heinfer.names import MODEL_NAME_RE, is_model_name, to_model_name
+
+    try:
+        name = json.loads(plan.read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: install_plan reports it with its code
+    if not isinstance(name, str) or is_model_name(name):
+        return None
+    better = to_model_name(name) or "my-model"
+    return (f"plan {plan} is named {name!r}, which cannot be served (model names match "
+            f"{MODEL_NAME_RE.pattern}): compile it again (`heinfer compile` now names it "
+            f"{better!r}; choose another with --name)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -80,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"heinfer serve: plan file {missing[0]} not found (--plan / "
                   "HEINFER_PRELOAD_PLANS name NAME.plan.json, with NAME.plan.npz beside it)",
                   file=sys.stderr)
+            return 2
+        if (problem := _unservable_name(plan)) is not None:
+            print(f"heinfer serve: {problem}", file=sys.stderr)
             return 2
     logs.configure(settings.log_level, settings.log_json)
     proxies = settings.trusted_proxies.strip()

@@ -4,6 +4,7 @@ and progress is plain lines when piped."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -65,6 +66,17 @@ def test_compile_netB_onnx_then_serve_it(tmp_path):
     with LocalServer(tmp_path / "data", env=server_env(),
                      args=["--plan", str(tmp_path / "plans" / "netB.plan.json")]) as srv:
         assert [m["name"] for m in Client(srv.url, ALICE).models()] == ["netb"]
+    # a plan made before (named netB) stops `heinfer serve` at once with what to do
+    old = json.loads((tmp_path / "plans" / "netB.plan.json").read_text())
+    (tmp_path / "plans" / "old.plan.json").write_text(json.dumps({**old, "name": "netB"}))
+    (tmp_path / "plans" / "old.plan.npz").write_bytes(
+        (tmp_path / "plans" / "netB.plan.npz").read_bytes())
+    out = subprocess.run([*heinfer_command(), "serve", "--data-dir", str(tmp_path / "d2"),
+                          "--plan", str(tmp_path / "plans" / "old.plan.json")],
+                         env={**os.environ, **server_env()}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "is named 'netB', which cannot be served" in out.stderr
+    assert "now names it 'netb'" in out.stderr and "--name" in out.stderr
 
 
 def test_progress_lines_when_piped(tmp_path, monkeypatch):
@@ -92,7 +104,15 @@ def test_progress_lines_when_piped(tmp_path, monkeypatch):
     master, slave = pty.openpty()
     with os.fdopen(slave, "w") as tty, Progress(4, "bar", unit="img", file=tty) as bar:
         bar.update(4)
-    drawn = os.read(master, 4096).decode()
+    drawn = ""
+    while True:  # everything written before the slave closed (EIO at the end on Linux)
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk.decode()
     os.close(master)
     assert "\r" in drawn and "bar: 100%" in drawn and "4/4" in drawn
     monkeypatch.setenv("HEINFER_PROGRESS", "0")
