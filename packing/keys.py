@@ -37,7 +37,51 @@ def apply_key_budget(plan: Plan, max_keys: int | None = None, keys: list[int] | 
         fit = keys_for_mb(max_key_mb, calibration)
         max_keys = fit if max_keys is None else min(max_keys, fit)
     rotate_ms = calibration["ms"].get("rotate") if calibration else None
-    return plan.with_key_budget(max_keys, keys, rotate_ms)
+    try:
+        return plan.with_key_budget(max_keys, keys, rotate_ms)
+    except KeyBudgetError as e:
+        if keys is not None or max_keys is None:
+            raise
+        least = smallest_key_budget(plan, max_keys, rotate_ms)
+        size = ""
+        if calibration is not None:
+            sizes = calibration["sizes"]
+            mb = (sizes["relin_key_bytes"] + least * sizes["galois_key_bytes"]) / 1e6
+            size = f", about {mb:.1f} MB of evaluation keys (--max-key-mb {mb:.1f})"
+        raise KeyBudgetError(f"{e}; the smallest budget that works for this plan is {least} "
+                             f"Galois keys (--max-keys {least}){size}") from e
+
+
+def smallest_key_budget(plan: Plan, above: int, rotate_ms: dict | None = None) -> int:
+    """The fewest Galois keys (more than `above`) that compose every rotation of the plan:
+    a bisection over key counts with the compiler's own key choice, then confirmed on the
+    plan (one key per rotation step always works)."""
+    from heinfer.rotations import choose_keys
+
+    weights: dict[int, float] = {}
+    for (step, level), n in plan.rotation_counts().items():
+        cost = 1.0 if rotate_ms is None else float(rotate_ms.get(str(level), 1.0))
+        weights[step] = weights.get(step, 0.0) + n * cost
+    slots = plan.params.slots
+    lo, hi = max(0, above), len({s % slots for s in weights} - {0})
+
+    def works(b: int) -> bool:
+        try:
+            choose_keys(weights, slots, b)
+            return True
+        except KeyBudgetError:
+            return False
+
+    while lo + 1 < hi:  # works(hi) holds: a key per step
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
+    while hi < len(weights):
+        try:
+            plan.with_key_budget(hi, rotate_ms=rotate_ms)
+            break
+        except KeyBudgetError:
+            hi += 1
+    return hi
 
 
 def budget_variants(plan: Plan, calibration: dict | None = None, max_keys: int | None = None,
