@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     max_bytes_per_key: int = Field(default=4 << 30, ge=1024,
                                    description="key bytes stored per API key, all sessions")
     # -- upload and abuse limits (docs/SERVICE.md, "Limits"); `limits` rate strings --------
+    header_timeout_s: float = Field(default=10.0, gt=0,
+                                    description="request line and headers must arrive within "
+                                                "this; then the connection is closed")
     body_idle_timeout_s: float = Field(default=30.0, gt=0,
                                        description="longest pause while a request body arrives; "
                                                    "then 408 and the connection is closed")

@@ -81,7 +81,7 @@ def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("limits")
     with running_server(d, [tiny_plan(d / "plans")], max_key_bytes=MAX_KEY_BYTES,
                         max_bytes_per_key=QUOTA, max_uploads_per_key=2, body_idle_timeout_s=1,
-                        body_timeout_s=3) as srv:
+                        body_timeout_s=3, header_timeout_s=1.5) as srv:
         alice = http(srv.url, ALICE)
         keys = LocalKeys(spec_of(alice, "tiny"))
         yield {"srv": srv, "alice": alice, "keys": keys, "sid": new_session(alice, "tiny", keys),
@@ -180,6 +180,55 @@ def test_stalled_and_trickling_bodies_time_out_with_408(env):
     assert (status, body["code"]) == (408, "body_timeout")
     assert 2.5 < time.monotonic() - t0 < 6
     assert os.listdir(env["tmp"]) == []
+
+
+def closed_after(s: socket.socket, trickle: bytes = b"") -> float:
+    """Seconds until the server closes `s`, sending `trickle` a byte every 0.3 s meanwhile."""
+    t0 = time.monotonic()
+    s.settimeout(0.3)
+    for i in range(40):
+        try:
+            if s.recv(1 << 16) == b"":
+                break
+        except TimeoutError:
+            pass
+        except OSError:
+            break
+        try:
+            if i < len(trickle):
+                s.sendall(trickle[i : i + 1])
+        except OSError:
+            break
+    s.close()
+    return time.monotonic() - t0
+
+
+def test_silent_and_trickling_headers_are_cut_off(env):
+    """uvicorn held a connection that sent nothing, or its headers a byte at a time, for ever:
+    the header deadline (1.5 s here) closes it; a normal keep-alive connection is unaffected."""
+    url = env["srv"].url
+    assert 1.2 < closed_after(connect(url)) < 4
+    head = request_head("GET", "/v1/models")
+    assert 1.2 < closed_after(connect(url), trickle=head) < 4
+    s = connect(url, head)  # two requests on one connection, 1 s apart: both answered
+    assert one_response(s).startswith(b"HTTP/1.1 200 ")
+    time.sleep(1.0)
+    s.sendall(head)
+    assert one_response(s).startswith(b"HTTP/1.1 200 ")
+    s.close()
+
+
+def one_response(s: socket.socket) -> bytes:
+    """One whole response from a kept-alive connection (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(1 << 16)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n")
+                      if ln.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(1 << 16)
+    return head
 
 
 def test_concurrent_uploads_per_key_are_limited(env):
@@ -295,7 +344,7 @@ def test_stopping_the_server_leaks_no_semaphores(tmp_path):
     `resource_tracker: ... leaked semaphore objects` once every process of the group is gone."""
     plan = tiny_plan(tmp_path / "plans")
     for n, (sig, group) in enumerate(((signal.SIGTERM, False), (signal.SIGINT, True))):
-        srv = LocalServer(tmp_path / f"data{n}", env=server_env(workers=2),
+        srv = LocalServer(tmp_path / f"data{n}", env=server_env(workers=1),
                           args=["--plan", str(plan)], port=free_port())
         srv.start()
         (os.killpg if group else os.kill)(srv.proc.pid, sig)

@@ -59,7 +59,7 @@ def test_openapi_fuzzing_finds_no_5xx_and_no_mismatch(tmp_path):
                         max_plan_bytes=1 << 20) as srv:
         report = d / "events.ndjson"
         before = server_errors(srv.url)  # readiness polls answered 503 while starting
-        out = subprocess.run(schemathesis_command(srv.url, report), capture_output=True,
+        out = subprocess.run(schemathesis_command(srv.url, report), capture_output=True, cwd=d,
                              text=True, timeout=max(900, EXAMPLES * 20))
         summary = out.stdout[-6000:]
         assert out.returncode == 0, summary
