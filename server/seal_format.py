@@ -34,6 +34,7 @@ its prime; a secret key is ternary, an error small.
 
 from __future__ import annotations
 
+import math
 import secrets
 import struct
 import zlib
@@ -81,19 +82,22 @@ def minimal_root(q: int, m: int) -> int:
 class ShortTest:
     """Is a polynomial (one RNS component, mod q) short?
 
-    Coefficient form: more than half of its N words within `bound(q)` of 0 (mod q).
-    NTT form (SEAL stores a[i] = s(psi^(2 bitrev(i) + 1)), psi the smallest primitive 2N-th
-    root): `samples` coefficients of the inverse NTT, at positions drawn per worker process
-    from the OS's randomness and never shown, at least half of them within the bound. Exact
-    modular arithmetic by float64 matrix products over limbs (row limb + inverse-NTT limb +
-    log2 N <= 53 bits, so every partial sum is exact). A uniform component is flagged with
-    probability below 2^-74 per test; a ternary or small-error one always is. Memory per
-    worker and plan: a 2N-word table per prime and one N x samples index (the rows of the
-    inverse NTT are gathered per call, not kept: 4 MB per prime at N = 32768)."""
+    Small means within B = min(2^10, q / 2^10) of 0 modulo q (a ternary secret key is within
+    1, an error term within ~20). Coefficient form: short if more than half of its N words are
+    small. NTT form (SEAL stores a[i] = s(psi^(2 bitrev(i) + 1)), psi the smallest primitive
+    2N-th root): short if at least half of K coefficients of its inverse NTT are small, at
+    positions drawn per worker process from the OS's randomness and never shown. K per prime is
+    the least of 8, 16, 24 for which a uniform component is flagged with probability below
+    2^-60 (K = 8 from 28-bit primes up, 16 from 21 bits, else 24). Exact modular arithmetic
+    by float64 matrix products over limbs (row limb + inverse-NTT limb + log2 N <= 53 bits:
+    every partial sum is exact).
+    A ternary or small-error polynomial is always flagged. Memory per worker and plan: a
+    2N-word table per prime and one N x 24 index (the rows of the inverse NTT are gathered per
+    call, not kept: 4 MB per prime at N = 32768)."""
 
     n: int
     primes: list[int]
-    samples: int = 16
+    samples: int = 24  # the most any prime uses
     positions: np.ndarray = field(init=False)
     _tables: dict[int, np.ndarray] = field(init=False, default_factory=dict)
 
@@ -105,6 +109,7 @@ class ShortTest:
         # coefficient j of the inverse NTT = sum_i a[i] * T[(e_i * j) mod 2N], T[t] = N^-1 psi^-t
         self._index = ((e[:, None] * self.positions[None, :]) % (2 * self.n)).astype(np.int32)
         self._split_bits: dict[int, tuple[int, int]] = {}
+        self._k: dict[int, int] = {q: self.samples_for(q) for q in self.primes}
         for q in self.primes:
             pinv = pow(minimal_root(q, 2 * self.n), -1, q)
             table = [pow(self.n, -1, q)] * (2 * self.n)
@@ -151,7 +156,17 @@ class ShortTest:
 
     @staticmethod
     def bound(q: int) -> int:
-        return min(1 << 16, q >> 12)
+        return min(1 << 10, q >> 10)
+
+    @classmethod
+    def false_positive(cls, q: int, k: int) -> float:
+        """Probability that a uniform component has at least k/2 of k sampled coefficients
+        small: at most C(k, k/2) p^(k/2), p = (2B+1)/q."""
+        return math.comb(k, k // 2) * ((2 * cls.bound(q) + 1) / q) ** (k // 2)
+
+    @classmethod
+    def samples_for(cls, q: int) -> int:
+        return next((k for k in (8, 16) if cls.false_positive(q, k) < 2.0 ** -60), 24)
 
     def _small(self, v: np.ndarray, q: int) -> np.ndarray:
         b = np.uint64(self.bound(q))
@@ -163,19 +178,20 @@ class ShortTest:
         bits = q.bit_length()
         ws, wu = self._split_bits[q]
         s_limbs = self._split(rows, bits, ws)
-        u_limbs = self._split(self._tables[q][self._index], bits, wu)  # N x samples
+        k = self._k[q]
+        u_limbs = self._split(self._tables[q][self._index[:, :k]], bits, wu)  # N x k
         by_shift: dict[int, np.ndarray] = {}
         for a, sa in enumerate(s_limbs):
             for b, ub in enumerate(u_limbs):
                 part = (sa @ ub).astype(np.uint64)  # exact: < 2^53
                 shift = ws * a + wu * b
                 by_shift[shift] = by_shift.get(shift, 0) + part  # a few terms: < 2^56
-        total = np.zeros(rows.shape[0] * self.samples, dtype=object)
+        total = np.zeros(rows.shape[0] * k, dtype=object)
         for shift, part in by_shift.items():
             total = (total + (part % np.uint64(q)).astype(object).ravel()
                      * pow(2, shift, q)) % q
-        coeffs = total.astype(np.uint64).reshape(rows.shape[0], self.samples)
-        ntt = self._small(coeffs, q).sum(axis=1) * 2 >= self.samples
+        coeffs = total.astype(np.uint64).reshape(rows.shape[0], k)
+        ntt = self._small(coeffs, q).sum(axis=1) * 2 >= k
         return raw | ntt
 
 

@@ -304,16 +304,19 @@ def _swallow(fn, *args) -> None:
 
 
 # -- the short test itself, at the fmnist-cryptonets parameters (in process) ------------------
-def test_short_test_at_real_parameters():
-    """n = 8192 with 51- and 29-bit primes (three and two limbs): a real secret key is short in
-    every RNS component (NTT form), so is its coefficient form and a small error; uniformly
+@pytest.mark.parametrize("n,bits,scale", [(8192, [51, 29, 29, 29, 29, 51], 29),
+                                          (4096, [30, 20, 24, 30], 20)])
+def test_short_test_at_real_parameters(n, bits, scale):
+    """n = 8192 with 51- and 29-bit primes (the fmnist-cryptonets parameters: two row limbs and
+    one, 8 samples), and small 20/24-bit primes (24 and 16 samples): a real secret key is short
+    in every RNS component (NTT form), so is its coefficient form and a small error; uniformly
     random components never are."""
     from heinfer.backends.tenseal_backend import TensealBackend
     from heinfer.params import CKKSParams
     from heinfer_server import seal_format as sf
 
-    params = CKKSParams(poly_modulus_degree=8192, coeff_mod_bits=[51, 29, 29, 29, 29, 51],
-                        scale_bits=29)
+    params = (CKKSParams(poly_modulus_degree=n, coeff_mod_bits=bits, scale_bits=scale)
+              if n == 8192 else CKKSParams.insecure_for_tests(n, bits, scale))
     be = TensealBackend(params)
     be.generate_keys([])
     e = sf.Expect.of_backend(be, params.scale)
@@ -322,6 +325,7 @@ def test_short_test_at_real_parameters():
     rng = np.random.default_rng(7)
     ternary = rng.integers(-1, 2, n)
     error = np.clip(np.round(rng.normal(0, 3.2, n)), -19, 19).astype(np.int64)
+    assert {e.short.samples_for(q) for q in primes} == ({8} if n == 8192 else {24, 16, 8})
     for j, q in enumerate(primes):
         uniform = rng.integers(0, q, size=(64, n), dtype=np.uint64)
         assert not e.short.short_rows(uniform, q).any()
