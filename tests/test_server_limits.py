@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from heinfer import wire
 from heinfer_client.keys import LocalKeys
-from heinfer_client.local import LocalServer, free_port, heinfer_command
+from heinfer_client.local import LocalServer, heinfer_command
 from tests.test_server_support import (
     ADMIN,
     ALICE,
@@ -283,8 +284,9 @@ def test_docs_and_openapi_can_require_a_key(throttled):
 def test_wrong_keys_are_throttled_per_address(throttled):
     """Runs last on this server: it locks 127.0.0.1 out for a minute."""
     guesses = [http(throttled.url, f"guess-{i}-Hc3jR6yU0eQ5wA8dF1gV") for i in range(6)]
-    for c in guesses[:4]:
-        problem(c.get("/v1/models"), 401, "invalid_api_key")
+    for i, c in enumerate(guesses[:4]):  # a forged X-Forwarded-For is not believed by default
+        problem(c.get("/v1/models", headers={"X-Forwarded-For": f"198.51.100.{i}"}), 401,
+                "invalid_api_key")
     r = guesses[4].get("/v1/models")
     problem(r, 429, "too_many_bad_keys")
     assert 30 <= int(r.headers["retry-after"]) <= 60
@@ -340,25 +342,36 @@ def test_missing_plan_file_exits_non_zero(tmp_path):
 
 
 def test_stopping_the_server_leaks_no_semaphores(tmp_path):
-    """SIGTERM to the server (and Ctrl-C to its whole group): workers reaped, no
-    `resource_tracker: ... leaked semaphore objects` once every process of the group is gone."""
+    """SIGTERM to the server, and Ctrl-C to a server's whole group: workers reaped, no
+    traceback, no `resource_tracker: ... leaked semaphore objects` once every process of the
+    group is gone. (Both servers start at once: start-up is most of this test's time.)"""
     plan = tiny_plan(tmp_path / "plans")
-    for n, (sig, group) in enumerate(((signal.SIGTERM, False), (signal.SIGINT, True))):
-        srv = LocalServer(tmp_path / f"data{n}", env=server_env(workers=1),
-                          args=["--plan", str(plan)], port=free_port())
-        srv.start()
-        (os.killpg if group else os.kill)(srv.proc.pid, sig)
-        assert srv.proc.wait(20) in (0, -sig)  # uvicorn re-raises the signal it handled
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the resource tracker reports as it exits
-            try:
-                os.killpg(srv.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        log = srv.log(100_000)
-        assert "leaked" not in log and "Traceback" not in log, log[-2000:]
-        srv.stop()
+    ways = ((signal.SIGTERM, False), (signal.SIGINT, True))
+    servers = [LocalServer(tmp_path / f"data{n}", env=server_env(workers=1),
+                           args=["--plan", str(plan)]) for n in range(len(ways))]
+    starting = [threading.Thread(target=srv.start) for srv in servers]
+    for t in starting:
+        t.start()
+    for t in starting:
+        t.join(120)
+    try:
+        for srv, (sig, group) in zip(servers, ways, strict=True):
+            assert srv.proc.poll() is None, srv.log()
+            (os.killpg if group else os.kill)(srv.proc.pid, sig)
+        for srv, (sig, _) in zip(servers, ways, strict=True):
+            assert srv.proc.wait(20) in (0, -sig)  # uvicorn re-raises the signal it handled
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the resource tracker reports as it exits
+                try:
+                    os.killpg(srv.proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            log = srv.log(100_000)
+            assert "leaked" not in log and "Traceback" not in log, log[-2000:]
+    finally:
+        for srv in servers:
+            srv.stop()
 
 
 def test_sdk_sees_no_change_for_normal_use(env):
