@@ -44,3 +44,12 @@ if ! .venv/bin/python -m pip check >/dev/null; then  # a dependency added withou
     echo "[setup] requirements/dev.txt lacks a dependency of pyproject.toml: run \`make lock\`" >&2
     exit 1
 fi
+# The packaging tests install the wheel into fresh venvs of every supported Python; 3.12 and 3.13
+# come from pyenv (on the project's machines) or PATH. Nothing to install here: only say so.
+for v in 3.12 3.13; do
+    if ! ls "${PYENV_ROOT:-$HOME/.pyenv}"/versions/$v.*/bin/python$v >/dev/null 2>&1 \
+            && ! command -v "python$v" >/dev/null; then
+        echo "[setup] note: no Python $v (pyenv or PATH): tests/test_packaging.py skips it" \
+             "(and fails under CI)" >&2
+    fi
+done
