@@ -418,8 +418,9 @@ def _public_key_members(r: Reader, e: Expect, what: str) -> np.ndarray:
     return _ciphertext(r, e, parms_id=e.key_parms_id, k=k, scale=1.0, what=what)
 
 
-def check_key_section(data: bytes, e: Expect, kind: str, limit: int) -> None:
-    """One EVAL_KEYS section (RELIN_KEYS, GALOIS_KEYS or PUBLIC_KEY); raises ApiError."""
+def check_key_section(data: bytes, e: Expect, kind: str, limit: int) -> bytes:
+    """One EVAL_KEYS section (RELIN_KEYS, GALOIS_KEYS or PUBLIC_KEY); raises ApiError.
+    Returns the same object uncompressed, for SEAL to load without decompressing it again."""
     what = f"the {kind} section"
     k = len(e.key_primes)
     arrays: list[np.ndarray] = []
@@ -455,6 +456,9 @@ def check_key_section(data: bytes, e: Expect, kind: str, limit: int) -> None:
         _maybe_secret_key(data, e, what)
         raise ApiError(bad.code or "malformed_keys", str(bad)) from None
     _expect_short_free(e, arrays, k, what)
+    if data[5] == 0:  # the header's compression byte: uncompressed already
+        return bytes(data)
+    return HEADER.pack(SEAL_MAGIC, 16, *e.version, 0, 0, 16 + len(members)) + members
 
 
 def _maybe_secret_key(data: bytes, e: Expect, what: str) -> None:

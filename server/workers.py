@@ -205,6 +205,7 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
     expect = _expect(compiled)
     n_steps = len(compiled.spec.rotation_steps)
     sizes: dict[str, int] = {}
+    plain: dict[str, bytes] = {}  # each section uncompressed: SEAL need not decompress again
     with open(job.upload_path, "rb") as f:
         for name, offset, length in job.sections:
             f.seek(offset)
@@ -229,18 +230,21 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
             if len(data) != length:
                 raise ApiError("malformed_body", "upload shorter than its framing")
             # every field exact and no short polynomial, before SEAL parses a byte
-            seal_format.check_key_section(data, expect, name,
-                                          seal_format.key_members_limit(expect, name, n_steps))
+            plain[name] = seal_format.check_key_section(
+                data, expect, name, seal_format.key_members_limit(expect, name, n_steps))
             (dest / KEY_FILES[name]).write_bytes(data)
             del data
             sizes[name] = length
     if "RELIN_KEYS" not in sizes:
         raise ApiError("missing_keys", "the upload holds no RELIN_KEYS section")
     steps = compiled.spec.rotation_steps
-    public = dest / KEY_FILES["PUBLIC_KEY"]
     try:
-        keys = _stored_keys(dest, steps)
-        session_be = be.with_eval_keys(keys, public.read_bytes() if public.exists() else None)
+        from heinfer.backends.base import EvalKeyBytes
+
+        keys = _stored_keys(dest, steps)  # as stored (compressed): the cache's size estimate
+        session_be = be.with_eval_keys(
+            EvalKeyBytes(plain["RELIN_KEYS"], plain.get("GALOIS_KEYS", b""), list(steps)),
+            plain.get("PUBLIC_KEY"))
     except SecretKeyError as e:
         raise ApiError("secret_key_refused", str(e)) from e
     except (ParamsMismatchError, SerializationError) as e:
