@@ -43,6 +43,9 @@ COMMANDS: list[tuple[str, str]] = [
     (r"make demo|make setup|\. \.venv/bin/activate",
      "tests/test_getting_started.py::test_getting_started_runs_as_written (fresh clone)"),
     (r"make test", "CI: .ci/run is `make test`"),
+    (r"heinfer compile model\.pt",
+     "tests/test_calib_data.py::test_compile_a_saved_torch_module (the same CLI on a saved torch "
+     "module)"),
     (r"docker compose( --profile tls)? up -d",
      "tests/test_deploy.py::test_compose_file_is_valid_against_the_compose_schema (no Docker "
      "engine on the project's machines: the compose file is schema-checked, the image's install "
