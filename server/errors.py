@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 from dataclasses import dataclass
 
 from heinfer.errors import (
@@ -127,15 +128,23 @@ EXCEPTIONS: list[tuple[type[BaseException], str]] = [
 ]
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file write, or SQLite's SQLITE_FULL from the database."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (isinstance(exc, sqlite3.OperationalError)
+            and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
+
+
 def classify(exc: BaseException) -> ApiError:
     """Any exception -> the ApiError the client sees."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, WireError):
         return ApiError(exc.code, str(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if _disk_full(exc):
         # the server's disk, not the caller's input: one log line, no traceback
-        log.error("storage full while handling a request", extra={"errno": exc.errno})
+        log.error("storage full while handling a request", extra={"error": repr(exc)})
         return ApiError("insufficient_storage", "the server's storage is full; retry later "
                         "(existing sessions keep working)", headers={"Retry-After": "60"})
     for cls, code in EXCEPTIONS:

@@ -254,6 +254,24 @@ def test_key_upload_on_a_full_disk_is_507(tmp_path):
         srv.stop()
 
 
+def test_a_full_database_is_507_too(tmp_path):
+    """SQLite reports a full disk as SQLITE_FULL, not ENOSPC: the same 507, not a 500."""
+    import errno
+    import sqlite3
+
+    from heinfer_server.errors import classify
+
+    db = sqlite3.connect(tmp_path / "x.db")
+    db.execute("PRAGMA max_page_count = 2")  # a real SQLITE_FULL, as on a full disk
+    db.execute("CREATE TABLE t (x BLOB)")
+    with pytest.raises(sqlite3.OperationalError) as full:
+        for _ in range(100):
+            db.execute("INSERT INTO t VALUES (?)", (bytes(4000),))
+    assert classify(full.value).status == 507
+    assert classify(OSError(errno.ENOSPC, "No space left on device")).status == 507
+    assert classify(sqlite3.OperationalError("no such table: x")).status == 500
+
+
 # -- kill -9: refused or unfinished uploads are overwritten at the next start -----------------
 def test_upload_left_by_kill_9_is_overwritten_at_next_start(tmp_path):
     plan = tiny_plan(tmp_path / "plans")
