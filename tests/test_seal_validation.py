@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -164,6 +165,23 @@ def test_key_fields_are_checked_exactly_and_secret_keys_refused_by_structure(env
     alice.delete(f"/v1/sessions/{ok_pk.json()['session_id']}")
     pk_sk = sm.write_words(bytearray(pk), sm.DATA_WORDS, sk)
     problem(post_keys(alice, "tiny", _keys_body(relin, galois, sm.pack(pk_sk))), 400,
+            "secret_key_refused")
+    # a real public key (what the output re-randomization needs) passes; its first
+    # polynomial replaced by the secret key does not
+    import tempfile
+
+    import tenseal.sealapi as seal
+
+    real = seal.PublicKey()
+    seal.KeyGenerator(env["keys"].backend.context).create_public_key(real)
+    with tempfile.TemporaryDirectory() as tmp:
+        real.save(f"{tmp}/pk")
+        real_pk = sm.members(Path(f"{tmp}/pk").read_bytes())
+    ok_real = post_keys(alice, "tiny", _keys_body(relin, galois, sm.pack(real_pk, compr=2)))
+    assert ok_real.status_code == 201, ok_real.text
+    alice.delete(f"/v1/sessions/{ok_real.json()['session_id']}")
+    real_sk = sm.write_words(bytearray(real_pk), sm.DATA_WORDS, sk)
+    problem(post_keys(alice, "tiny", _keys_body(relin, galois, sm.pack(real_sk))), 400,
             "secret_key_refused")
     # a bare SecretKey in any section
     problem(post_keys(alice, "tiny", _keys_body(env["keys"].secret_key_bytes(), galois)), 400,
