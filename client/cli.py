@@ -216,12 +216,16 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     cfg = _settings(args)
     shown = {}
+    from heinfer_client.keystore import default_root
+
     for name in ("url", "api_key", "admin_key", "cacert", "keystore"):
         value = getattr(cfg, name)
+        source = cfg.describe(name) if value else "not set"
+        if name == "keystore" and not value:
+            value, source = str(default_root()), "default"
         if value and name in config.SECRET_FIELDS:
             value = f"{value[:4]}... ({len(value)} characters)"
-        shown[name] = {"value": value, "from": cfg.describe(name) if getattr(cfg, name)
-                       else "not set"}
+        shown[name] = {"value": value, "from": source}
     _out(args, {"config_file": str(cfg.path), **shown},
          f"config file  {cfg.path}{'' if cfg.path.exists() else ' (absent)'}\n" + "\n".join(
              f"{n:<11}  {v['value'] or '-'}   ({v['from']})" for n, v in shown.items()))
@@ -325,8 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _hand_over(argv: list[str]) -> list[str] | None:
+    """`serve`/`compile` parse their own flags: the argv to hand over (global options before
+    the subcommand: only --no-progress, passed on to compile), or None for the client."""
+    takes_value = {flag for flag, _ in CONNECTION}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+        i += 1 + (argv[i] in takes_value)
+    if i >= len(argv) or argv[i] not in ("serve", "compile") or i == 0:
+        return None
+    before = argv[:i]
+    if argv[i] == "compile" and before == ["--no-progress"]:
+        return [argv[i], *argv[i + 1:], "--no-progress"]
+    print(f"heinfer: {' '.join(before)} before `{argv[i]}`: its own flags go after it "
+          f"(heinfer {argv[i]} --help); the client options do not apply to it", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    argv = _hand_over(argv) or argv
     if argv[:1] == ["serve"]:  # the server parses its own flags
         from heinfer_server.main import main as serve
 

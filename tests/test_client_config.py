@@ -121,6 +121,16 @@ def test_cli_with_env_and_config_file_and_global_options(srv, tmp_path):
     assert out.returncode == 1 and "the key came from --api-key" in out.stderr
 
 
+def test_options_before_serve_and_compile(capsys):
+    from heinfer_client.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--url", "http://x", "serve"])
+    assert e.value.code == 2 and "--url http://x before `serve`" in capsys.readouterr().err
+    assert main(["--no-progress", "compile", "no-such-model"]) == 2  # handed over
+    assert "no model 'no-such-model'" in capsys.readouterr().err
+
+
 def test_refused_connection_fails_fast(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
