@@ -1,11 +1,13 @@
 """An ONNX graph made ready for import, and sub-graph evaluation.
 
 Constant folding is onnxscript's optimizer (what torch's own exporter runs; it folds with onnx's
-reference implementations) after fixing a symbolic batch dimension to 1, and shapes come from
-onnx's shape inference: nothing is folded by hand. The importer identifies activations and layout
-changes by *evaluating* the sub-graph that computes them with onnx's `ReferenceEvaluator`, so a
-GELU written as `x * 0.5 * (1 + erf(x / sqrt 2))` in any order, or an adaptive pooling decomposed
-into Transpose/GatherND/ReduceMean, is recognised by what it computes, not by its spelling.
+reference implementations and onnx's shape inference, so `Shape`-derived Reshape targets fold)
+after fixing a symbolic batch dimension to 1: nothing is folded by hand. The importer then
+tracks the running shape by passing a zero probe through the imported layers. It identifies
+activations and layout changes by *evaluating* the sub-graph that computes them with onnx's
+`ReferenceEvaluator`, so a GELU written as `x * 0.5 * (1 + erf(x / sqrt 2))` in any order, or an
+adaptive pooling decomposed into Transpose/GatherND/ReduceMean, is recognised by what it
+computes, not by its spelling.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class OnnxGraph:
 
 
 def prepare(path: str | Path) -> OnnxGraph:
-    """Read, fold constants (onnxscript's optimizer) and infer shapes (onnx)."""
+    """Read and fold constants (onnxscript's optimizer, with onnx's shape inference)."""
     import onnx
 
     try:
@@ -106,8 +108,7 @@ def prepare(path: str | Path) -> OnnxGraph:
     try:
         import onnxscript.optimizer
 
-        proto = onnxscript.optimizer.optimize(proto)
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        proto = onnxscript.optimizer.optimize(proto, onnx_shape_inference=True)
     except ImportError as e:
         raise ModelFormatError("ONNX import needs onnx and onnxscript: "
                                "pip install 'heinfer[onnx]'") from e

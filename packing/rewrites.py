@@ -137,19 +137,22 @@ def fit_activations(model: Model, calib_x: np.ndarray | None = None, degree: int
     layers = list(model.layers)
     changes = []
     exact = True
+    # the calibration inputs as they reach layer `pos` (through the polynomials already fitted):
+    # each layer runs once, not once per later activation (AlexNet at 224: 7 activations)
+    pos, seen = 0, None if calib_x is None else list(calib_x)
     for i in acts:
         fn = layers[i].attrs["fn"]
         if fn == "square":
             layers[i] = Layer(layers[i].name, "poly", {"coeffs": [0.0, 0.0, 1.0]})
             continue
-        if calib_x is None:
+        if seen is None:
             raise ModelFormatError(f"{layers[i].name}: approximating {fn} needs calibration "
                                    "inputs (compile with calibration data)")
-        values = []
-        for x in calib_x:
-            for layer in layers[:i]:
-                x = forward_layer(layer, x)
-            values.append(np.ravel(x))
+        for layer in layers[pos:i]:
+            seen = [forward_layer(layer, x) for x in seen]
+        pos = i
+        x = seen[0]
+        values = [np.ravel(v) for v in seen]
         v = np.concatenate(values)
         v = v[np.random.default_rng(0).choice(len(v), min(len(v), 200_000), replace=False)]
         lo, hi = float(v.min()), float(v.max())
