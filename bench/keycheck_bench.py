@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def check_keys_without_short_test() -> None:
         real = expect.short.short_rows
-        expect.short.short_rows = lambda rows, q: np.zeros(len(rows), bool)
+        expect.short.short_rows = lambda rows, q: np.zeros(len(list(rows)), bool)
         try:
             check_keys()
         finally:

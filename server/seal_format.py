@@ -154,6 +154,28 @@ class ShortTest:
                 np.copyto(dst[i : i + chunk], limb.view(np.int64), casting="unsafe")
         return out
 
+    def _rows_split(self, rows: list[np.ndarray], q: int, width: int
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Like `_split` for M rows given as separate 1-D arrays (views into the upload: no
+        copy of the whole), and the coefficient-form test on the same cache-hot blocks:
+        returns (limbs, whether each row is short in coefficient form)."""
+        bits, n, m = q.bit_length(), self.n, len(rows)
+        n_limbs = -(-bits // width)
+        chunk = max(1, 32768 // n)
+        out = [np.empty((m, n), np.float64) for _ in range(n_limbs)]
+        raw = np.empty(m, bool)
+        mask = np.uint64((1 << width) - 1)
+        b, qb = np.uint64(self.bound(q)), np.uint64(q - self.bound(q))
+        for i in range(0, m, chunk):
+            block = np.stack(rows[i : i + chunk])
+            raw[i : i + chunk] = ((block <= b) | (block >= qb)).sum(axis=1) * 2 > n
+            for k, dst in enumerate(out):
+                limb = block >> np.uint64(width * k) if k else block
+                if k < n_limbs - 1:
+                    limb = limb & mask
+                np.copyto(dst[i : i + chunk], limb.view(np.int64), casting="unsafe")
+        return out, raw
+
     @staticmethod
     def bound(q: int) -> int:
         return min(1 << 10, q >> 10)
@@ -172,12 +194,12 @@ class ShortTest:
         b = np.uint64(self.bound(q))
         return (v <= b) | (v >= np.uint64(q) - b)
 
-    def short_rows(self, rows: np.ndarray, q: int) -> np.ndarray:
-        """rows: M x N words (< q). Returns a bool per row: short in either form."""
-        raw = self._small(rows, q).sum(axis=1) * 2 > self.n
+    def short_rows(self, rows: np.ndarray | list[np.ndarray], q: int) -> np.ndarray:
+        """rows: M words-by-N (an array, or a list of 1-D arrays), each word < q. Returns a
+        bool per row: short in either form."""
         bits = q.bit_length()
         ws, wu = self._split_bits[q]
-        s_limbs = self._split(rows, bits, ws)
+        s_limbs, raw = self._rows_split(list(rows), q, ws)
         k = self._k[q]
         u_limbs = self._split(self._tables[q][self._index[:, :k]], bits, wu)  # N x k
         by_shift: dict[int, np.ndarray] = {}
@@ -186,11 +208,11 @@ class ShortTest:
                 part = (sa @ ub).astype(np.uint64)  # exact: < 2^53
                 shift = ws * a + wu * b
                 by_shift[shift] = by_shift.get(shift, 0) + part  # a few terms: < 2^56
-        total = np.zeros(rows.shape[0] * k, dtype=object)
+        total = np.zeros(len(raw) * k, dtype=object)
         for shift, part in by_shift.items():
             total = (total + (part % np.uint64(q)).astype(object).ravel()
                      * pow(2, shift, q)) % q
-        coeffs = total.astype(np.uint64).reshape(rows.shape[0], k)
+        coeffs = total.astype(np.uint64).reshape(len(raw), k)
         ntt = self._small(coeffs, q).sum(axis=1) * 2 >= k
         return raw | ntt
 
@@ -375,8 +397,7 @@ def _expect_short_free(e: Expect, arrays: list[np.ndarray], k: int, what: str) -
         return
     polys = [p for a in arrays for p in a.reshape(-1, k, e.n)]
     for j, q in enumerate(primes):
-        rows = np.stack([p[j] for p in polys])  # one copy: this prime's component of each
-        if e.short.short_rows(rows, q).any():
+        if e.short.short_rows([p[j] for p in polys], q).any():
             raise ApiError("secret_key_refused",
                            f"{what} holds a short polynomial (ternary or small coefficients, "
                            "as in a secret key or a zero polynomial) where only uniformly random "
