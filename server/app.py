@@ -153,6 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         cache_models=settings.worker_cache_models,
                         key_cache_bytes=settings.worker_key_cache_bytes,
                         key_cache_tenant_bytes=settings.worker_key_cache_tenant_bytes,
+                        max_crashes=settings.max_crashes_per_key,
+                        crash_window_s=settings.crash_window_s,
                         metrics=metrics)
         state = ServerState(settings, store, pool, metrics, load_keys(settings, store))
         state.sweep()

@@ -80,6 +80,7 @@ PROBLEMS: dict[str, Problem] = {
     "rate_limited": Problem(429, "Too many requests"),
     "too_many_uploads": Problem(429, "Too many uploads at once"),
     "too_many_bad_keys": Problem(429, "Too many wrong API keys"),
+    "too_many_crashes": Problem(429, "Too many requests that crashed a worker"),
     "overloaded": Problem(503, "Server busy"),
     "not_ready": Problem(503, "Not ready"),
     "timeout": Problem(504, "Evaluation timed out"),

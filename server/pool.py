@@ -17,7 +17,9 @@ the whole executor and fails every request in flight, whoever sent it (issue 12)
   another). A job sent to a worker that died before acknowledging it is put back at the head of
   its tenant's queue and runs on a fresh worker; the client never notices. Other workers and
   their jobs are untouched; a dead worker (busy or idle) is replaced at once and counted in
-  `heinfer_worker_crashes_total{during}`.
+  `heinfer_worker_crashes_total{during}`. A key whose requests killed `max_crashes` workers
+  within `crash_window_s` is refused (429 `too_many_crashes`, Retry-After) until the oldest
+  crash leaves the window: respawning workers costs everyone CPU.
 * Time limit: a queued job past its limit is dropped, a running one has its worker killed and
   replaced (504 `timeout` either way), so the slot is free again at once.
 """
@@ -122,13 +124,16 @@ class EvalPool:
     """Bounded, fair, crash-isolated admission in front of the worker processes."""
 
     def __init__(self, *, workers: int, max_queue: int, start_method: str, cache_models: int,
-                 key_cache_bytes: int, key_cache_tenant_bytes: int, metrics=None):
+                 key_cache_bytes: int, key_cache_tenant_bytes: int, max_crashes: int = 3,
+                 crash_window_s: float = 600.0, metrics=None):
         self.workers = workers
         self.capacity = workers + max_queue
         self.tenant_capacity = min(self.capacity, workers + math.ceil(max_queue / 2))
         self.start_method = start_method
         self.init_args = (os.getpid(), cache_models, key_cache_bytes, key_cache_tenant_bytes)
         self._metrics = metrics
+        self.max_crashes, self.crash_window_s = max_crashes, crash_window_s
+        self._crashes: dict[str, deque[float]] = {}  # tenant -> times its requests crashed
         self._queues: dict[str, deque[_Job]] = {}
         self._served: dict[str, int] = {}  # tenant -> dispatch number of its last job
         self._dispatches = 0
@@ -164,6 +169,7 @@ class EvalPool:
         never refused: they are rare and must not fail because predicts are busy. `affinity`
         (a session id) prefers the worker that ran it last."""
         if queue:
+            self._refuse_crasher(tenant)
             if self._pending >= self.capacity:
                 self._reject(f"all {self.workers} workers busy and "
                              f"{self.capacity - self.workers} request(s) waiting")
@@ -188,6 +194,22 @@ class EvalPool:
         except asyncio.CancelledError:  # the request went away: drop it if not started
             self._abandon(job, kill=False)
             raise
+
+    def _refuse_crasher(self, tenant: str) -> None:
+        times = self._crashes.get(tenant)
+        if not times:
+            return
+        now = time.monotonic()
+        while times and now - times[0] > self.crash_window_s:
+            times.popleft()
+        if not times:
+            del self._crashes[tenant]
+        elif len(times) >= self.max_crashes:
+            wait = math.ceil(self.crash_window_s - (now - times[0]))
+            raise ApiError("too_many_crashes", f"{len(times)} requests of this API key killed "
+                           f"the worker evaluating them in the last {self.crash_window_s:g} s; "
+                           "its requests are refused until the oldest is older than that",
+                           headers={"Retry-After": str(max(1, wait))})
 
     def _reject(self, why: str) -> None:
         if self._metrics:
@@ -322,6 +344,7 @@ class EvalPool:
                 self._metrics.worker_crashes.labels(during).inc()
             log.error("worker died", extra={"pid": w.proc.pid, "how": how, "during": during})
             if job is not None and during == "request":
+                self._crashes.setdefault(job.tenant, deque()).append(time.monotonic())
                 self._release(job)
                 if not job.future.done():
                     job.future.set_exception(ApiError(

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=8, ge=0,
                            description="requests waiting for a worker beyond the busy ones; "
                                        "more answer 503 with Retry-After")
+    max_crashes_per_key: int = Field(
+        default=3, ge=1, description="requests of one API key that killed their worker within "
+                                     "crash_window_s before its requests are refused (429)")
+    crash_window_s: float = Field(default=600.0, gt=0,
+                                  description="window for max_crashes_per_key, seconds")
     request_timeout_s: float = Field(default=300.0, gt=0,
                                      description="per-request limit on HE work")
     shutdown_grace_s: float = Field(

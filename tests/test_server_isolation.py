@@ -3,7 +3,7 @@ a worker killed mid-request fails that request only (500 `worker_crashed`, which
 retry) while the other tenant's request in flight succeeds; idle workers killed are replaced and
 the next request succeeds; crashes are counted in /metrics; one API key cannot take the whole
 queue nor make another wait behind its backlog; one key cycling 12 sessions does not evict
-another key's cached keys."""
+another key's cached keys; a key whose requests keep killing workers is refused."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def wait_workers(url: str, n: int, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     d = tmp_path_factory.mktemp("isolation")
-    with running_server(d, [slow_plan(d / "plans")], workers=2) as srv:
+    # a key is refused after 2 requests that killed their worker (default 3; fewer kills here)
+    with running_server(d, [slow_plan(d / "plans")], workers=2, max_crashes_per_key=2) as srv:
         keys = LocalKeys(spec_of(http(srv.url), "slow"))
         sids = {k: new_session(http(srv.url, k), "slow", keys) for k in (ALICE, BOB)}
         yield srv, keys, sids
@@ -187,6 +188,26 @@ def test_the_sdk_does_not_retry_a_request_that_crashed_a_worker(two_workers, tmp
     posts = [u for m, u, *_ in wire.requests if m == "POST" and "/predict" in u]
     assert len(posts) == 1, posts
     wait_workers(srv.url, 2)
+
+
+def test_a_key_whose_requests_keep_killing_workers_is_refused(two_workers):
+    srv, keys, sids = two_workers
+    sid = new_session(http(srv.url, CAROL), "slow", keys)
+    body = ct_body(keys, X)
+    out: list[httpx.Response] = []
+    for i in range(2):
+        t = threading.Thread(target=lambda: out.append(
+            post_predict(http(srv.url, CAROL), "slow", sid, body)))
+        t.start()
+        os.kill(busy_workers(srv.proc.pid, 1)[0], signal.SIGKILL)
+        t.join(60)
+        problem(out[i], 500, "worker_crashed")
+        wait_workers(srv.url, 2)
+    r = post_predict(http(srv.url, CAROL), "slow", sid, body)
+    problem(r, 429, "too_many_crashes")
+    assert int(r.headers["retry-after"]) > 500  # until the first crash is 600 s old
+    r = post_predict(http(srv.url, BOB), "slow", sids[BOB], body)  # others are served
+    assert np.abs(decrypt(keys, r) - slow_model().forward(X)).max() < 1e-2
 
 
 @pytest.fixture(scope="module")

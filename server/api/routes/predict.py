@@ -53,7 +53,7 @@ router = APIRouter(prefix="/models", tags=["predict"])
                               "limits.input_ciphertexts items, in the spec's input layout"),
     responses={200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
                      "description": "output ciphertexts, heinfer wire CIPHERTEXTS"},
-               **problems(400, 401, 404, 409, 410, 413, 415, 500, 503, 504)},
+               **problems(400, 401, 404, 409, 410, 413, 415, 429, 500, 503, 504)},
 )
 async def predict(
     name: str, request: Request, state: StateDep, principal: ApiKeyDep,
