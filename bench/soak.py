@@ -5,7 +5,7 @@
 Each client has its own API key and session (keys made with the SDK's LocalKeys) and loops:
 predict one of its pre-encrypted real Fashion-MNIST test images (so the load generator does not
 compete with the HE workers for the cores), every 10th answer decrypted and checked against the
-plaintext model; every 25th iteration GET /v1/models and GET its session; every 150th a new
+plaintext model; every 10th iteration GET /v1/models and GET its session; every 40th a new
 session (same keys uploaded again) replaces the old one, which is deleted.
 
 Every answer is counted by status and code. An *error* is anything other than a 2xx or the
@@ -19,6 +19,7 @@ last. Bounded: stops after --minutes, sends only to 127.0.0.1. Writes bench/resu
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import tempfile
 import threading
@@ -117,10 +118,10 @@ def client_loop(url: str, api_key: str, model: str, spec: ModelSpec, xs: np.ndar
                             tally.wrong_labels += 1
             if wait:
                 time.sleep(wait)
-            if i % 25 == 0:
+            if i % 10 == 0:
                 tally.record(c.get("/v1/models"))
                 tally.record(c.get(f"/v1/sessions/{sid}"))
-            if i % 150 == 0:
+            if i % 40 == 0:
                 old, sid = sid, new_session()
                 tally.record(c.delete(f"/v1/sessions/{old}"))
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                           headers={"Authorization": f"Bearer {keys['soak0']}"})
             spec = ModelSpec.model_validate(r.json()["spec"])
             tally = Tally()
+            load0 = os.getloadavg()[0]  # other jobs on the machine slow the run, not its errors
             t0 = time.monotonic()
             deadline = t0 + args.minutes * 60
             threads = [threading.Thread(target=client_loop, daemon=True, args=(
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers_rss_mb": [round(wk0 / 1024, 1), round(wk1 / 1024, 1)],
         "workers_rss_growth": round(wk1 / wk0 - 1, 4) if wk0 else None,
         "server_tracebacks": server_log.count("Traceback"),
+        "load_average_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
     }
     for k, v in result.items():
         print(f"{k:20s} {v}")

@@ -75,6 +75,7 @@ PROBLEMS: dict[str, Problem] = {
     "invalid_name": Problem(400, "Invalid name"),
     "validation_error": Problem(422, "Invalid request"),
     "body_timeout": Problem(408, "Request body timeout"),
+    "headers_too_large": Problem(431, "Request headers too large"),
     # limits
     "quota_exceeded": Problem(429, "Quota exceeded"),
     "rate_limited": Problem(429, "Too many requests"),

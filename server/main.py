@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from heinfer_server import logs
         from heinfer_server.app import create_app
-        from heinfer_server.protocol import with_header_timeout
+        from heinfer_server.protocol import guarded_protocol
         from heinfer_server.recovery import DataDirError, preflight
         from heinfer_server.settings import Settings
     except ImportError as e:  # the client can be installed without the server extra
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 # X-Forwarded-For decides the address that wrong keys are counted against:
                 # believed only from configured proxies (uvicorn's default trusts 127.0.0.1)
                 proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
-                http=with_header_timeout(settings.header_timeout_s))
+                http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes))
     return 0
 
 

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0,
                                     description="request line and headers must arrive within "
                                                 "this; then the connection is closed")
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096,
+                                  description="request line and headers, at most (431 beyond)")
     body_idle_timeout_s: float = Field(default=30.0, gt=0,
                                        description="longest pause while a request body arrives; "
                                                    "then 408 and the connection is closed")

@@ -219,6 +219,25 @@ def test_silent_and_trickling_headers_are_cut_off(env):
     s.close()
 
 
+def test_oversized_headers_answer_431(env):
+    """httptools kept every header byte: 300 MB of headers grew the server by 300 MB. Over
+    64 KiB (the default) the answer is 431 and the connection is closed."""
+    s = connect(env["srv"].url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    try:
+        for _ in range(128):  # 1 MB, far more than the server reads
+            s.sendall(line)
+    except OSError:  # closed after its 431
+        pass
+    status, headers, body, waited = answer(s)
+    assert (status, body["code"]) == (431, "headers_too_large") and waited < 2
+    assert headers["content-type"] == "application/problem+json"
+    # a large body right behind small headers, in one write, is not mistaken for headers
+    keys = env["keys"]
+    r = post_predict(env["alice"], "tiny", env["sid"], ct_body(keys, np.zeros((1, 6, 6))))
+    assert r.status_code == 200
+
+
 def one_response(s: socket.socket) -> bytes:
     """One whole response from a kept-alive connection (Content-Length framed)."""
     data = b""
