@@ -50,7 +50,8 @@ class BodyGuard:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                msg = await asyncio.wait_for(receive(), wait)
+                async with asyncio.timeout(wait):  # no task per chunk, unlike wait_for
+                    msg = await receive()
             except TimeoutError:
                 timed_out = True
                 raise ApiError("body_timeout", f"the request body did not arrive in time "
