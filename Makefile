@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) -m bench.degree_bench
 	$(PY) -m bench.plots
 	$(PY) -m bench.zoo_bench --recalibrate
+	$(PY) -m bench.privacy_bench
 
 train: $(STAMP)
 	$(PY) -m pip install -q -e ".[train]"

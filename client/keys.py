@@ -1,6 +1,7 @@
 """Client key material for one model spec: a backend holding the secret key, and the public
 evaluation keys framed for upload (relinearization + Galois keys for exactly the spec's
-rotation steps, seeded: about half the bytes of unseeded keys).
+rotation steps, seeded: about half the bytes of unseeded keys), with the public key: the server
+re-randomizes (and, for sanitized plans, floods) every output with it (heinfer.sanitize).
 
 Evaluation keys are derived from the secret key: a reused secret key (from the key store) makes
 fresh evaluation keys on demand, so only the small secret key is kept on disk.
@@ -36,7 +37,8 @@ class LocalKeys:
         self._eval_wire: bytes | None = None
         if secret_key is None:
             keys = self.backend.generate_keys(spec.rotation_steps)
-            self._eval_wire = wire.encode_eval_keys(keys.relin_keys, keys.galois_keys)
+            self._eval_wire = wire.encode_eval_keys(keys.relin_keys, keys.galois_keys,
+                                                    self._public_key())
         else:
             self.backend.load_secret_key(secret_key)
 
@@ -49,8 +51,15 @@ class LocalKeys:
         with self._lock:
             if self._eval_wire is None:
                 keys = self.backend.make_eval_keys(self.spec.rotation_steps)
-                self._eval_wire = wire.encode_eval_keys(keys.relin_keys, keys.galois_keys)
+                self._eval_wire = wire.encode_eval_keys(keys.relin_keys, keys.galois_keys,
+                                                        self._public_key())
             return self._eval_wire
+
+    def _public_key(self) -> bytes | None:
+        """The public key, for the server to re-randomize outputs (TenSEAL backend; a Pyfhel
+        client sends none, and a sanitized plan then refuses its session)."""
+        make = getattr(self.backend, "public_key_bytes", None)
+        return make() if make is not None else None
 
     def drop_eval_keys(self) -> None:
         """Free the (large) evaluation keys once uploaded."""

@@ -54,6 +54,11 @@ class OutputSpec(BaseModel):
                       "computed by the client, which knows x")
     c0: float | None = None
     bias: list[float] | None = None
+    flood: dict[str, float] | None = Field(
+        default=None, description="sanitized plans: the server re-randomizes every output and "
+        "adds Gaussian noise of std `sigma` per slot (real and imaginary parts, decoded units "
+        "before `scale`) for `stat_bits` bits of statistical security over `queries` "
+        "decryptions (heinfer.sanitize); the session must upload the client's public key")
 
 
 class ModelSpec(BaseModel):
@@ -111,16 +116,30 @@ class Plan:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     # -- building ------------------------------------------------------------------------
-    def build_kernels(self, backend: Backend, encode: bool = True) -> list[Kernel]:
+    def build_kernels(self, backend: Backend, encode: bool = True,
+                      mask_output: bool = True) -> list[Kernel]:
+        """`mask_output` (always on when serving): the output ciphertexts hold the answer slots
+        and zeros, nothing else (docs/SERVICE.md, "Threat model"); False only to measure what
+        an unmasked plan would reveal."""
         ctx = BuildContext(backend, encode_plaintexts=encode)
         layout, level, scale = self.input_layout, self.params.top_level, self.params.scale
         kernels: list[Kernel] = []
+        last = self.last_computing_step()
         for i, step in enumerate(self.steps):
             down = self._scale_down_bits(i, level, scale, backend)
-            k = _make_kernel(ctx, step, layout, level, scale, down)
+            k = _make_kernel(ctx, step, layout, level, scale, down,
+                             masked=mask_output and i == last)
             kernels.append(k)
             layout, level, scale = k.out_layout, k.out_level, k.out_scale
+        if mask_output and not getattr(kernels[last], "masks_output", False):
+            from heinfer.kernels.mask import OutputMask
+
+            kernels.append(OutputMask(ctx, layout, level, scale))
         return kernels
+
+    def last_computing_step(self) -> int:
+        """Index of the last step that is not a free `flatten`."""
+        return max((i for i, s in enumerate(self.steps) if s.op != "flatten"), default=0)
 
     def _scale_down_bits(self, i: int, level: int, scale: float, backend: Backend) -> float:
         """How far (in bits, fractional) a rescaling linear layer moves the running scale.
@@ -221,15 +240,15 @@ class Plan:
         return RotationKeys.build(keys, used, self.params.slots, max_keys)
 
     def spec(self, backend: Backend | None = None, kernels: list[Kernel] | None = None,
-             rotations: RotationKeys | None = None) -> ModelSpec:
+             rotations: RotationKeys | None = None, mask_output: bool = True) -> ModelSpec:
         """The public spec; `kernels` already built on `backend` (and their `rotations` under
-        the key budget) are reused (no second build)."""
+        the key budget) are reused (no second build). `mask_output` as in `build_kernels`."""
         if backend is None:
             from heinfer.backends import make_backend
 
             backend = make_backend(self.params)
         if kernels is None:
-            kernels = self.build_kernels(backend, encode=False)
+            kernels = self.build_kernels(backend, encode=False, mask_output=mask_output)
         if rotations is None:
             rotations = self.rotation_keys(kernels)
         steps = (list(rotations.keys) if rotations is not None
@@ -244,9 +263,30 @@ class Plan:
             rotation_steps=steps,
             output=OutputSpec(layout=layout_to_dict(kernels[-1].out_layout),
                               scale=self.output_scale, labels=self.labels,
+                              flood=self.flood_summary(),
                               **self.metadata.get("output", {})),
             depth=self.params.top_level - kernels[-1].out_level,
         )
+
+    def flood_spec(self):
+        """The sanitizing this plan asks for (`heinfer.sanitize.FloodSpec`), or None."""
+        from pydantic import ValidationError
+
+        from heinfer.sanitize import PRIVACY, FloodSpec
+
+        doc = self.metadata.get(PRIVACY)
+        if doc is None:
+            return None
+        try:
+            return FloodSpec.model_validate(doc)
+        except ValidationError as e:
+            raise ModelFormatError(f"plan {self.name}: metadata {PRIVACY!r} is not a flooding "
+                                   f"spec: {e.errors()[0]['msg']}") from e
+
+    def flood_summary(self) -> dict[str, float] | None:
+        f = self.flood_spec()
+        return None if f is None else {"stat_bits": f.stat_bits, "queries": f.queries,
+                                       "sigma": f.sigma}
 
     # -- files -----------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -323,8 +363,19 @@ _SCALE_NEUTRAL = ("sumpool2d", "batch_sumpool", "flatten")
 
 
 def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: float,
-                 down_bits: float = 0.0) -> Kernel:
-    """`down_bits`: the step's scale_down_bits after the drift correction (build_kernels)."""
+                 down_bits: float = 0.0, masked: bool = False) -> Kernel:
+    """`down_bits`: the step's scale_down_bits after the drift correction (build_kernels).
+    `masked`: the step's output leaves the server; kernels that can fold the output mask into
+    their plaintexts (dense, conformal; batch kernels have no other slots) set `masks_output`,
+    the others get an `OutputMask` after them."""
+    k = _make_kernel_inner(ctx, step, layout, level, scale, down_bits, masked)
+    if masked and step.op in ("dense", "conformal", "batch_linear", "batch_sumpool"):
+        k.masks_output = True
+    return k
+
+
+def _make_kernel_inner(ctx: BuildContext, step: PlanStep, layout, level: int, scale: float,
+                       down_bits: float, masked: bool) -> Kernel:
     a = {**step.attrs, "scale_down_bits": down_bits}
     if step.op == "conv2d":
         return RotationConv2d(ctx, step.weight, step.bias, a.get("stride", 1),
@@ -337,7 +388,7 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
         return DiagonalDense(ctx, step.weight, step.bias, layout, level, scale, a.get("baby"),
                              rescale=a.get("rescale", True),
                              headroom_bits=a.get("headroom_bits", 6),
-                             scale_down_bits=a.get("scale_down_bits", 0))
+                             scale_down_bits=a.get("scale_down_bits", 0), masked=masked)
     if step.op == "compact":
         from heinfer.kernels.relayout import Compact
 
@@ -354,7 +405,7 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
         from heinfer.kernels.conformal import ConformalKernel
 
         return ConformalKernel(ctx, step.weight, a["n_logits"], layout, level, scale,
-                               a.get("headroom_bits", 10))
+                               a.get("headroom_bits", 10), masked=masked)
     if step.op == "batch_linear":
         from heinfer.kernels.batch import BatchLinear, conv_matrix
 
@@ -386,10 +437,10 @@ def _make_kernel(ctx: BuildContext, step: PlanStep, layout, level: int, scale: f
 class CompiledPlan:
     """A plan's kernels built on one backend: what a server worker keeps per loaded model."""
 
-    def __init__(self, plan: Plan, backend: Backend):
+    def __init__(self, plan: Plan, backend: Backend, mask_output: bool = True):
         self.plan = plan
         self.backend = backend
-        self.kernels = plan.build_kernels(backend)
+        self.kernels = plan.build_kernels(backend, mask_output=mask_output)
         # under a key budget: the keyed steps and each other step's composition, once
         self.rotations = plan.rotation_keys(self.kernels)
         self.spec = plan.spec(backend, self.kernels, self.rotations)

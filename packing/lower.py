@@ -81,11 +81,22 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
     return steps, pending
 
 
+# last steps that fold the output mask into their own plaintexts (heinfer.kernels.mask)
+MASK_FOLDING_OPS = ("dense", "conformal", "batch_linear", "batch_sumpool")
+
+
 def plan_depth(steps: list[PlanStep]) -> int:
     cost = {"conv2d": 1, "conv2d_im2col": 1, "dense": 1, "square": 1, "poly2": 2,
             "compact": 1}
     return sum(poly_depth(s.attrs["coeffs"]) if s.op == "poly" else cost.get(s.op, 0)
                for s in steps if s.attrs.get("rescale", True) or s.op not in ("dense",))
+
+
+def mask_depth(steps: list[PlanStep]) -> int:
+    """Levels the output mask adds: none when the last step folds it, else one
+    (`OutputMask`: only the answer slots leave the server)."""
+    last = [s.op for s in steps if s.op != "flatten"]
+    return 1 if last and last[-1] not in MASK_FOLDING_OPS else 0
 
 
 # Above about 52 bits SEAL's special prime made rotations markedly slower on this machine
@@ -204,7 +215,7 @@ def compaction_points(plan: Plan) -> list[int]:
     from heinfer.backends.symbolic import SymbolicBackend
     from heinfer.kernels.relayout import slot_use
 
-    kernels = plan.build_kernels(SymbolicBackend(plan.params))
+    kernels = plan.build_kernels(SymbolicBackend(plan.params), mask_output=False)
     points = []
     for i, (st, k) in enumerate(zip(plan.steps, kernels, strict=True)):
         nxt = plan.steps[i + 1].op if i + 1 < len(plan.steps) else None
@@ -271,15 +282,17 @@ def _lower(model: Model, params: CKKSParams | None, first_conv: str, output_div:
         raise ModelFormatError(f"scale_bits {scale_bits}: choose {MIN_SCALE_BITS}..60 (CKKS "
                                "keeps about scale_bits - 10 bits of precision; SEAL primes are "
                                "at most 60 bits)")
-    params = params or choose_params(plan_depth(steps), scale_bits, out_bits=out_bits,
+    params = params or choose_params(plan_depth(steps) + mask_depth(steps), scale_bits,
+                                     out_bits=out_bits,
                                      final_rescale=steps[-1].attrs.get("rescale", True))
     layout, first = input_layout_for(steps[0], model.input_shape, params.slots, first_conv)
     steps[0] = first
-    if plan_depth(steps) > params.depth:
+    if plan_depth(steps) + mask_depth(steps) > params.depth:
         from heinfer.errors import DepthExhaustedError
 
         raise DepthExhaustedError(
-            f"model {model.name} needs depth {plan_depth(steps)}, {params.describe()} gives "
+            f"model {model.name} needs depth {plan_depth(steps) + mask_depth(steps)} (with "
+            f"the output mask), {params.describe()} gives "
             f"{params.depth}; add data primes or use choose_params()"
         )
     plan = Plan(model.name, params, tuple(model.input_shape), layout, steps, out_scale,
@@ -320,7 +333,8 @@ def _fit_final_scale(plan: Plan, model: Model) -> None:
     headroom = math.ceil(math.log2(max_out * 1.5)) + 1 if max_out else 6
     steps[-1].attrs["headroom_bits"] = headroom
     probe = Plan(plan.name, params, plan.input_shape, plan.input_layout, steps[:-1])
-    before_last = probe.build_kernels(SymbolicBackend(params), encode=False)[-1]
+    before_last = probe.build_kernels(SymbolicBackend(params), encode=False,
+                                       mask_output=False)[-1]
     bits_left = sum(params.coeff_mod_bits[: before_last.out_level + 1]) - 1
     # the bits above the headroom are shared by the incoming scale and the weights' scale: an
     # even split (never below 2^20 for the weights) gave the smallest logit error

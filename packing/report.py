@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from heinfer.backends.counting import CountingBackend
 from heinfer.backends.symbolic import SymbolicBackend
-from heinfer.plan import CompiledPlan, Plan
+from heinfer.plan import CompiledPlan, Plan, PlanStep
 from heinfer.rotations import RotationKeys
 from heinfer_packing.calibrate import calibrate_command
 
@@ -160,7 +160,9 @@ def report(plan: Plan, calibration: dict | None = None) -> PlanReport:
     cts = [be.encrypt(None) for _ in range(plan.input_layout.n_ct)]
     layers = []
     run_on = compiled.wrap(counter)  # under a key budget: composed rotations are counted
-    for k, step in zip(compiled.kernels, plan.steps, strict=True):
+    # an output mask after a last kernel that cannot fold it is one more row (no step)
+    steps = plan.steps + [PlanStep("output_mask")] * (len(compiled.kernels) - len(plan.steps))
+    for k, step in zip(compiled.kernels, steps, strict=True):
         counter.reset()
         cts = k.run(run_on, cts)
         ops = {(op, lvl): n for (op, lvl), n in counter.counts.items()}

@@ -135,9 +135,11 @@ def _session_backend(session_id: str, key_dir: str, compiled, tenant: str):
     d = Path(key_dir)
     if not (d / KEY_FILES["RELIN_KEYS"]).exists():  # deleted or expired since the API checked
         raise ApiError("unknown_session", f"session {session_id} was closed meanwhile")
+    public = d / KEY_FILES["PUBLIC_KEY"]  # outputs are re-randomized with it when present
     try:
         keys = _stored_keys(d, compiled.spec.rotation_steps)
-        be = compiled.backend.with_eval_keys(keys)
+        be = compiled.backend.with_eval_keys(keys, public.read_bytes() if public.exists()
+                                             else None)
     except (HeinferError, OSError) as e:
         raise ApiError("internal", f"stored keys of session {session_id} do not load: {e}") from e
     _SESSIONS.put(cache_key, tenant, _key_cost(keys), be)
@@ -238,6 +240,11 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
     if "RELIN_KEYS" not in sizes:
         raise ApiError("missing_keys", "the upload holds no RELIN_KEYS section")
     steps = compiled.spec.rotation_steps
+    if "PUBLIC_KEY" not in sizes and compiled.spec.output.flood is not None:
+        raise ApiError("missing_keys",
+                       f"model {compiled.plan.name} sanitizes its outputs (re-randomized with "
+                       "the client's public key, then flooded): send a PUBLIC_KEY section with "
+                       "the evaluation keys")
     try:
         from heinfer.backends.base import EvalKeyBytes
 
@@ -280,6 +287,7 @@ def predict(job: PredictJob) -> tuple[bytes, float, bool]:
     """Evaluate the plan on the body's ciphertexts with the session's keys.
     Returns (output body in heinfer wire framing, seconds of HE work, key cache hit)."""
     from heinfer import wire
+    from heinfer.sanitize import Sanitizer
 
     t0 = time.perf_counter()
     compiled = _compiled(job.plan_path, job.plan_hash)
@@ -310,6 +318,14 @@ def predict(job: PredictJob) -> tuple[bytes, float, bool]:
                            f"{be.level(ct)}, scale 2^{math.log2(be.scale_of(ct)):.2f})")
         cts.append(ct)
     out = compiled.run(cts, backend=be)
+    flood = compiled.plan.flood_spec()
+    if flood is not None and getattr(be, "public_key", None) is None:
+        raise ApiError("missing_keys", f"model {job.model} sanitizes its outputs: the session "
+                       "has no public key (create a session with one)")
+    if getattr(be, "public_key", None) is not None:
+        # re-randomize whenever the client sent its public key; flood when the plan says so
+        sanitize = Sanitizer(be, flood)
+        out = [sanitize(c) for c in out]
     body = wire.encode_ciphertexts([be.ciphertext_to_bytes(c) for c in out])
     return body, time.perf_counter() - t0, cached
 

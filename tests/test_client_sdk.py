@@ -108,7 +108,7 @@ def test_nothing_secret_goes_over_the_wire(srv, tmp_path):
             kinds.append(frame.kind)
             for section, payload in zip(frame.sections, wire.payloads(body, frame), strict=True):
                 assert section.type in (wire.Section.RELIN_KEYS, wire.Section.GALOIS_KEYS,
-                                        wire.Section.CIPHERTEXT)
+                                        wire.Section.PUBLIC_KEY, wire.Section.CIPHERTEXT)
                 path = tmp_path / "probe"
                 path.write_bytes(payload)
                 with pytest.raises(RuntimeError):  # structurally not a secret key

@@ -38,14 +38,15 @@ def _coeffs(degree: int, seed: int = 0) -> list[float]:
     return list(np.random.default_rng(seed + degree).normal(scale=0.5, size=degree + 1))
 
 
-def _run_steps(params, steps, x, backend_name):
+def _run_steps(params, steps, x, backend_name, mask_output: bool = False):
     """Run plan steps on ciphertexts; return the decoded output, the output ciphertexts, the
-    compiled plan and the op counts per kernel on the real backend."""
+    compiled plan and the op counts per kernel on the real backend. Unmasked by default (the
+    kernels on their own); `mask_output` as served."""
     plan = Plan("t", params, tuple(x.shape), VectorLayout(x.size, params.slots), steps)
     be = make_backend(params, backend_name)
-    spec = plan.spec(be)
+    compiled = CompiledPlan(plan, be, mask_output=mask_output)
+    spec = compiled.spec
     be.generate_keys(spec.rotation_steps)
-    compiled = CompiledPlan(plan, be)
     cts = encode_encrypt(be, spec, x)
     counter = CountingBackend(be)
     counts = []
@@ -194,7 +195,8 @@ def test_symbolic_counts_equal_real_counts_with_poly(backend_name):
     plan = lower(model, small_params(5))
     rep = report(plan)
     x = np.random.default_rng(4).normal(size=30)
-    _, _, compiled, counts = _run_steps(plan.params, plan.steps, x, backend_name)
+    _, _, compiled, counts = _run_steps(plan.params, plan.steps, x, backend_name,
+                                        mask_output=True)  # as the report counts
     for kernel, layer, real in zip(compiled.kernels, rep.layers, counts, strict=True):
         assert real == layer.ops, kernel.name
     poly = rep.layers[1]

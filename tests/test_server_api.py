@@ -96,8 +96,8 @@ def test_session_lifecycle_and_files(env):
     assert info["expires_at"] > info["last_used"]
     assert sid in [s["session_id"] for s in alice.get("/v1/sessions").json()]
     data = env["srv"].data_dir
-    assert sorted(os.listdir(data / "sessions" / sid)) == ["galois.seal", "relin.seal",
-                                                           "session.json"]
+    assert sorted(os.listdir(data / "sessions" / sid)) == ["galois.seal", "public.seal",
+                                                           "relin.seal", "session.json"]
     assert os.listdir(data / "tmp") == []  # the streamed upload was consumed
     assert alice.delete(f"/v1/sessions/{sid}").status_code == 204
     assert not (data / "sessions" / sid).exists()
@@ -295,13 +295,13 @@ def test_plan_with_a_key_budget_is_served_with_its_keys_only(env):
     admin, alice = http(env["srv"].url, ADMIN), env["alice"]
     plan = Plan.load(tiny_plan(env["dir"] / "plans" / "kb", name="budget"))
     natural = plan.spec().rotation_steps
-    path = plan.with_key_budget(3).save(env["dir"] / "plans" / "kb" / "budget")
+    path = plan.with_key_budget(2).save(env["dir"] / "plans" / "kb" / "budget")
     r = admin.post("/v1/models", files={"plan_json": path.read_bytes(),
                                         "plan_npz": path.with_suffix(".npz").read_bytes()})
     assert r.status_code == 201, r.text
     try:
         spec = spec_of(alice, "budget")
-        assert len(spec.rotation_steps) <= 3 < len(natural)
+        assert len(spec.rotation_steps) <= 2 < len(natural)
         keys = LocalKeys(spec)
         assert keys.backend.rotation_steps == set(spec.rotation_steps)
         sid = new_session(alice, "budget", keys)

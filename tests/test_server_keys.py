@@ -50,8 +50,8 @@ def _refused(setup, body: bytes, name: str, code: str) -> str:
 def test_good_keys_load_and_are_split_per_object(setup):
     d, path, plan, spec, keys = setup
     sizes = workers.validate_keys(_job(d, path, plan, keys.eval_keys_wire(), "good"))
-    assert set(sizes) == {"RELIN_KEYS", "GALOIS_KEYS"}
-    assert sorted(os.listdir(d / "good.keys")) == ["galois.seal", "relin.seal"]
+    assert set(sizes) == {"RELIN_KEYS", "GALOIS_KEYS", "PUBLIC_KEY"}  # the SDK sends its pk
+    assert sorted(os.listdir(d / "good.keys")) == ["galois.seal", "public.seal", "relin.seal"]
     assert (d / "good.keys" / "relin.seal").stat().st_size == sizes["RELIN_KEYS"]
 
 
@@ -170,7 +170,7 @@ def test_other_seal_versions_refused_before_loading(setup):
     _, _, _, _, keys = setup
     good = keys.eval_keys_wire()
     frame = wire.parse_header(good)
-    relin, galois = wire.payloads(good, frame)
+    relin, galois, _public = wire.payloads(good, frame)
     patched = bytearray(relin)
     patched[4] = 1  # header minor version: "SEAL 4.1"
     body = wire.encode_eval_keys(bytes(patched), galois)

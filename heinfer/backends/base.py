@@ -150,6 +150,11 @@ class Backend(Protocol):
 
     def encode_scalar(self, value: float, level: int, scale: float) -> Plaintext: ...
 
+    def plaintext_is_zero(self, p: Plaintext) -> bool:
+        """True when the encoding rounded every coefficient to 0: SEAL refuses to multiply by
+        it (the product would be 'transparent'), and it contributes nothing anyway."""
+        ...
+
     # -- client side (needs the secret key) ------------------------------------------------
     def encrypt(self, values: np.ndarray) -> Ciphertext: ...
 

@@ -259,6 +259,9 @@ class PyfhelBackend:
             self.he.mod_switch_to_next_ptxt(pt, in_new_ptxt=False)
         return PyfhelPlain(pt, level, float(scale))
 
+    def plaintext_is_zero(self, p: PyfhelPlain) -> bool:
+        return bool(p.pt.is_zero())
+
     def encode_scalar(self, value: float, level: int, scale: float) -> PyfhelPlain:
         return self.encode(np.full(self.slots, float(value)), level, scale)
 

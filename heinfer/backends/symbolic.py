@@ -55,6 +55,9 @@ class SymbolicBackend:
     def encode_scalar(self, value: float, level: int, scale: float) -> SymbolicText:
         return SymbolicText(level, float(scale))
 
+    def plaintext_is_zero(self, p: SymbolicText) -> bool:
+        return False
+
     def encrypt(self, values: np.ndarray) -> SymbolicText:
         return SymbolicText(self.params.top_level, self.params.scale)
 

@@ -103,6 +103,8 @@ class TensealBackend:
         self.relin_keys: seal.RelinKeys | None = None
         self.galois_keys: seal.GaloisKeys | None = None
         self.rotation_steps: set[int] = set()
+        self.public_key: seal.PublicKey | None = None  # the client's, to sanitize outputs
+        self._zero_encryptor = None
         self._secret_key = None
         self._encryptor = None
         self._decryptor = None
@@ -177,7 +179,8 @@ class TensealBackend:
 
     def load_eval_keys(self, keys: EvalKeyBytes, public_key: bytes | None = None) -> None:
         """Server side: load and check relinearization and Galois keys (seeded bytes from a
-        client) and, when sent, the public key (checked only: evaluation never uses it).
+        client) and, when sent, the client's public key (kept: outputs are re-randomized with
+        it, heinfer.sanitize).
         Raises SecretKeyError (a section is a secret key), ParamsMismatchError (a section does
         not load under the params, or another SEAL version wrote it) and MissingKeyError (no key
         for power 2 or for one of `keys.rotation_steps`); nothing is kept on failure."""
@@ -185,8 +188,7 @@ class TensealBackend:
         relin = self._load_section(seal.RelinKeys, keys.relin_keys, "relinearization keys")
         galois = (self._load_section(seal.GaloisKeys, keys.galois_keys, "Galois keys")
                   if keys.galois_keys else None)
-        if public_key:
-            self._load_section(seal.PublicKey, public_key, "public key")
+        pk = self._load_section(seal.PublicKey, public_key, "public key") if public_key else None
         if not relin.has_key(2):
             raise MissingKeyError("the relinearization keys hold no key for power 2")
         steps = sorted({s % self.slots for s in keys.rotation_steps} - {0})
@@ -196,6 +198,7 @@ class TensealBackend:
             raise MissingKeyError(f"no Galois key for rotation step(s) {missing}")
         self.relin_keys, self.galois_keys = relin, galois
         self.rotation_steps = set(steps)
+        self.public_key, self._zero_encryptor = pk, None
 
     def with_eval_keys(self, keys: EvalKeyBytes,
                        public_key: bytes | None = None) -> TensealBackend:
@@ -203,7 +206,7 @@ class TensealBackend:
         that holds `keys` (checked as in `load_eval_keys`) and no secret key: one per session
         on a server. Not thread-safe together with this one (shared temporary files)."""
         out = copy.copy(self)
-        out.relin_keys = out.galois_keys = None
+        out.relin_keys = out.galois_keys = out.public_key = None
         out._secret_key = out._encryptor = out._decryptor = None
         out.load_eval_keys(keys, public_key)
         return out
@@ -211,6 +214,33 @@ class TensealBackend:
     def drop_eval_keys(self) -> None:
         self.relin_keys = self.galois_keys = None
         self.rotation_steps = set()
+
+    def public_key_bytes(self) -> bytes:
+        """Client side: the public key for the server's sanitizing of outputs
+        (heinfer.sanitize): public material, uploaded with the evaluation keys. (sealapi
+        cannot return SEAL's seeded form of it: twice the size of a fresh ciphertext.)"""
+        if self._secret_key is None:
+            raise SecretKeyError("making the public key needs the client's secret key")
+        pk = seal.PublicKey()
+        seal.KeyGenerator(self.context, self._secret_key).create_public_key(pk)
+        return self._files.dump(pk)
+
+    def load_public_key(self, data: bytes) -> None:
+        """Server side: the client's public key alone (checked like the other keys)."""
+        self.public_key = self._load_section(seal.PublicKey, data, "public key")
+        self._zero_encryptor = None
+
+    def encrypt_zero_like(self, ct: Ciphertext) -> Ciphertext:
+        """A fresh encryption of zero under the client's public key, at ct's level and scale
+        (SEAL's CSPRNG): added to an output, it re-randomizes it."""
+        if self.public_key is None:
+            raise MissingKeyError("re-randomizing an output needs the client's public key")
+        if getattr(self, "_zero_encryptor", None) is None:
+            self._zero_encryptor = seal.Encryptor(self.context, self.public_key)
+        out = seal.Ciphertext()
+        self._zero_encryptor.encrypt_zero(ct.parms_id(), out)
+        out.scale = ct.scale
+        return out
 
     def secret_key_bytes(self) -> bytes:
         """The secret key, only when asked for by name (the client stores it locally)."""
@@ -238,6 +268,9 @@ class TensealBackend:
         vals = values.tolist()  # sealapi takes Python lists (complex or float)
         self.encoder.encode(vals, self._parms_by_level[level], float(scale), pt)
         return pt
+
+    def plaintext_is_zero(self, p: Plaintext) -> bool:
+        return bool(p.is_zero())
 
     def encode_scalar(self, value: float, level: int, scale: float) -> Plaintext:
         """A constant in every slot, encoded in microseconds (throughput mode's weights)."""
@@ -268,6 +301,14 @@ class TensealBackend:
         pt = seal.Plaintext()
         self._decryptor.decrypt(ct, pt)
         return np.array(self.encoder.decode_double(pt))
+
+    def decrypt_complex(self, ct: Ciphertext) -> np.ndarray:
+        """Every slot, real and imaginary parts: what a curious client can read."""
+        if self._decryptor is None:
+            raise SecretKeyError("decryption needs the client's secret key")
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return np.array(self.encoder.decode_complex(pt))
 
     # -- evaluation -----------------------------------------------------------------------
     def _check_same(self, a: Ciphertext, b, what: str) -> None:

@@ -55,6 +55,8 @@ class Kernel:
     """Base class: subclasses set out_layout/out_level/out_scale in __init__ and define run()."""
 
     name = "kernel"
+    # True when the kernel's output ciphertexts hold its output slots and zeros only
+    masks_output = False
 
     def __init__(self, ctx: BuildContext, in_layout, level: int, scale: float):
         self.in_layout = in_layout

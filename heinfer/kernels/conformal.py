@@ -25,11 +25,12 @@ class ConformalKernel(Kernel):
     name = "conformal"
 
     def __init__(self, ctx: BuildContext, weight: np.ndarray, n_logits: int, in_layout,
-                 level: int, scale: float, headroom_bits: int = 10):
+                 level: int, scale: float, headroom_bits: int = 10, masked: bool = False):
         super().__init__(ctx, in_layout, level, scale)
         be = ctx.backend
         M, R = weight[:n_logits], weight[n_logits:]
-        self.z = DiagonalDense(ctx, M, None, in_layout, level, scale)
+        # masked: z and q each hold their answer slots and zeros, nothing else
+        self.z = DiagonalDense(ctx, M, None, in_layout, level, scale, masked=masked)
         # the square's scale must leave 2^20 for the mask under q's headroom: shave the R
         # layer's weights' scale if needed (the square doubles the saving)
         square_bits = 2 * math.log2(scale) - math.log2(be.prime(level - 1))
@@ -40,7 +41,7 @@ class ConformalKernel(Kernel):
         self.square = Square(ctx, self.r.out_layout, self.r.out_level, self.r.out_scale)
         self.sum = DiagonalDense(ctx, np.ones((1, R.shape[0])), None, self.r.out_layout,
                                  self.square.out_level, self.square.out_scale, rescale=False,
-                                 headroom_bits=headroom_bits)
+                                 headroom_bits=headroom_bits, masked=masked)
         self.steps_used = self.z.steps_used | self.r.steps_used | self.sum.steps_used
         _, z_slots = self.z.out_layout.positions()
         q_slot = int(self.sum.out_layout.positions()[1][0])

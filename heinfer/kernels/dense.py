@@ -11,6 +11,12 @@ is a rotation by 1 of the previous) and giant steps B*g applied by Horner's rule
 inner sums (so they run on one prime less, and all with the key for B). Pre-rotating each
 diagonal by -B*g makes the giant step exact.
 
+A layer whose output leaves the server (`masked=True`, the plan's last linear layer) uses no
+rotate-and-sum: with a row period m' >= span + m - 1 every product of row i lands on its output
+slot directly, so the diagonals are zero outside the m output slots and the output ciphertext
+holds the answer and zeros (plus noise): the output mask is folded into the layer's plaintexts
+and costs no level, at the price of more diagonals (docs/SERVICE.md, "Threat model").
+
 The network's last linear layer may skip its rescale (`rescale=False`): its weights are encoded
 at a small scale that leaves `headroom_bits` for the outputs in the primes that are left, so the
 whole modulus chain needs one prime less and every operation before it gets cheaper.
@@ -78,6 +84,21 @@ def _period_and_groups(span: int, rows: int, room: int,
     return period, groups
 
 
+def _sparse_baby(present: np.ndarray) -> int:
+    """The power-of-two baby step that needs the fewest rotations for the present diagonals:
+    one per distinct nonzero d mod B per input ciphertext, and ceil(period / B) - 1 giant
+    steps (Horner with one key rotates once per giant index, used or not)."""
+    n_in, period = present.shape
+    best = None
+    for k in range(max(1, period).bit_length() + 1):
+        b = 1 << k
+        rots = sum(len(set((np.nonzero(row)[0] % b).tolist()) - {0}) for row in present)
+        rots += math.ceil(period / b) - 1
+        if best is None or rots < best[0]:
+            best = (rots, b)
+    return best[1] if best else 1
+
+
 class DiagonalDense(Kernel):
     """With R copies of the input in the ciphertext (a replicated layout), the m outputs are split
     into R row groups, one per copy, all sharing the same diagonals and rotations: about R times
@@ -88,9 +109,10 @@ class DiagonalDense(Kernel):
     def __init__(self, ctx: BuildContext, weight: np.ndarray, bias: np.ndarray | None,
                  in_layout, level: int, scale: float, baby: int | None = None,
                  replicas: int | None = None, rescale: bool = True, headroom_bits: int = 6,
-                 scale_down_bits: int = 0):
+                 scale_down_bits: int = 0, masked: bool = False):
         super().__init__(ctx, in_layout, level, scale)
         be, slots = ctx.backend, ctx.slots
+        self.masked = masked
         self.rescale = rescale
         if rescale:
             self.needs_levels(ctx, 1)
@@ -114,6 +136,12 @@ class DiagonalDense(Kernel):
         span = int(u.max() - u.min()) + 1
         shifts_all = in_layout.replica_shifts()
         best = None
+        if masked:
+            # one copy of the input, every product on its output slot: no partial sums
+            if span + m - 1 > slots:
+                raise LayoutError(f"masked dense {n}->{m}: inputs span {span} of {slots} slots, "
+                                  "no room for an output window without a rotate-and-sum")
+            best, shifts_all = (0.0, [0], span + m - 1, 1), []
         for r in range(1, len(shifts_all) + 1):
             if replicas is not None and r != replicas:
                 continue
@@ -132,7 +160,8 @@ class DiagonalDense(Kernel):
         _, shifts, period, groups = best
         self.period, self.groups, self.replicas = period, groups, len(shifts)
         rows_per = math.ceil(m / len(shifts))
-        t0 = int(u.min()) - period + 1
+        # masked: the outputs sit just below the inputs, so d = u - t0 - i is in [0, period)
+        t0 = int(u.min()) - (m - 1 if masked else period - 1)
         rows = np.arange(m)
         local = (rows % rows_per)[:, None]
         delta = np.asarray(shifts)[rows // rows_per][:, None]
@@ -153,8 +182,12 @@ class DiagonalDense(Kernel):
                     present[c] = len(res) > 0
                 else:
                     present[c, (res[:, None] - np.arange(rows_per)[None, :]) % period] = True
-        # a power-of-two baby step (the giant step's key) is often a key some layer has already
-        self.baby = baby or max(1, 1 << round(math.log2(max(1.0, math.sqrt(period)))))
+        # a power-of-two baby step (the giant step's key) is often a key some layer has already;
+        # a masked layer's diagonals are sparse (span + m of them, few present): it picks the
+        # split with the fewest rotations for the diagonals it has (a stored `baby` was chosen
+        # for the unmasked period)
+        self.baby = (_sparse_baby(present) if masked else baby) or max(
+            1, 1 << round(math.log2(max(1.0, math.sqrt(period)))))
         self.giant = math.ceil(period / self.baby)
         # plaintexts[giant][(ct, b)]: diagonal b + B*giant of input ct, pre-rotated by -B*giant
         self.plaintexts: list[dict[tuple[int, int], object]] = []
@@ -167,7 +200,12 @@ class DiagonalDense(Kernel):
                     if dd >= period or not present[c, dd]:
                         continue
                     vals = np.roll(diags[c, dd], self.baby * gg) if ctx.values_needed else None
-                    row[(c, b)] = ctx.encode(vals, level, weight_scale)
+                    pt = ctx.encode(vals, level, weight_scale)
+                    if ctx.values_needed and ctx.backend.plaintext_is_zero(pt):
+                        # weights below the encoding's precision (a masked layer's diagonal
+                        # may hold one tiny weight): nothing to add, and SEAL refuses it
+                        continue
+                    row[(c, b)] = pt
                     used_babies.add(b)
                     self.expected_ops["multiply_plain"] += 1
             self.plaintexts.append(row)
