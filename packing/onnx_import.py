@@ -35,7 +35,10 @@ from heinfer_packing.onnx_identify import affine_layer, elementwise_layers, move
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Exp", "Erf",
                "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
-               "Softplus", "Elu", "Mish", "Gelu", "Max", "Min", "BatchNormalization"}
+               "Softplus", "Elu", "Selu", "Celu", "Mish", "Gelu", "PRelu", "Softsign", "Abs",
+               "Sign", "Log", "Max", "Min", "BatchNormalization",
+               "Where", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Not",
+               "And", "Or"}
 MOVEMENT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast",
             "Dropout", "ReduceMean", "GlobalAveragePool", "GatherND", "Gather", "Expand",
             "Tile", "Slice", "Where"}
@@ -138,7 +141,16 @@ def _pad(g: OnnxGraph, node, where: str, probe: np.ndarray) -> int:
     return _symmetric_pad([pads[2], pads[3], pads[6], pads[7]], where)
 
 
+def _unsupported(g: OnnxGraph, i: int) -> ModelFormatError:
+    node = g.nodes[i]
+    return ModelFormatError(f"{g.source}: {g.label(node, i)}: operator {node.op_type!r} is not "
+                            f"imported by heinfer; supported: {SUPPORTED}")
+
+
 def _branch_error(g: OnnxGraph, tensor: str, idxs: list[int]) -> ModelFormatError:
+    for i in idxs:  # an operator heinfer does not know is the first thing to say
+        if g.nodes[i].op_type not in SUPPORTED:
+            return _unsupported(g, i)
     users = ", ".join(g.label(g.nodes[i], i) for i in idxs)
     return ModelFormatError(f"{g.source}: tensor {tensor!r} feeds {len(idxs)} nodes ({users}): "
                             f"a branch. {BRANCH_HINT}")
@@ -244,8 +256,7 @@ def _walk(g: OnnxGraph) -> tuple[list[Layer], list[str], str]:
         elif op in ("Concat", "Sum"):
             raise ModelFormatError(f"{where} combines several computed tensors. {BRANCH_HINT}")
         else:
-            raise ModelFormatError(f"{where}: operator {op!r} is not imported by heinfer; "
-                                   f"supported: {SUPPORTED}")
+            raise _unsupported(g, i)
         done.update(idxs)
         for layer in new:
             probe = forward_layer(layer, probe)

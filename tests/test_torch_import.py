@@ -89,12 +89,22 @@ def test_encrypted_matches_torch(imported):
     assert np.argmax(he) == np.argmax(expected)
 
 
+def test_more_activations_import_exactly():
+    net = tn.more_activations().eval()
+    model = load_torch(net, torch.zeros(1, 1, 8, 8))
+    assert [layer.attrs.get("fn") for layer in model.layers if layer.op == "activation"] == [
+        "hardsigmoid", "mish", "elu", "softplus", "leaky_relu"]
+    x = np.random.default_rng(0).uniform(0, 1, size=(1, 8, 8))
+    assert np.abs(model.forward(x) - _torch_logits(net, x)).max() < 1e-5
+
+
 @pytest.mark.parametrize("cls, shape, message", [
     (tn.Residual, (2, 6, 6), r"feeds 2 nodes .*a branch.*issue #11"),
     (tn.Branches, (2, 6, 6), r"feeds 2 nodes .*Conv.*Conv.*issue #11"),
     (tn.LayerNormed, (2, 2, 2), r"\(LayerNormalization\): operator 'LayerNormalization' is "
                                 r"not imported by heinfer; supported: \[.*'Conv'"),
     (tn.ChannelsLast, (1, 4, 4), r"Transpose.*mixes channels"),
+    (tn.Upsampled, (1, 6, 6), r"\(Resize\): operator 'Resize' is not imported by heinfer"),
 ])
 def test_unsupported_graphs_fail_clearly(cls, shape, message):
     with pytest.raises(ModelFormatError, match=message):

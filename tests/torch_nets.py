@@ -131,3 +131,19 @@ class ChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.c1(x).permute(0, 2, 3, 1), 1))
+
+
+def more_activations() -> nn.Module:
+    """ELU exports as Greater/Where/Exp, PReLU as PRelu: recognised by value too."""
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Hardsigmoid(), nn.Conv2d(2, 2, 3), nn.Mish(),
+                         nn.Conv2d(2, 2, 1), nn.ELU(), nn.Conv2d(2, 2, 1), nn.Softplus(),
+                         nn.Conv2d(2, 2, 1), nn.PReLU(), nn.Flatten(), nn.Linear(32, 3))
+
+
+class Upsampled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.c1(x), scale_factor=2.0)
