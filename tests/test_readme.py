@@ -43,6 +43,9 @@ COMMANDS: list[tuple[str, str]] = [
     (r"make demo|make setup|\. \.venv/bin/activate",
      "tests/test_getting_started.py::test_getting_started_runs_as_written (fresh clone)"),
     (r"make test", "CI: .ci/run is `make test`"),
+    (r"heinfer-compile --sanitize \d+",
+     "tests/test_model_privacy.py::test_sanitized_plan_served_by_heinfer_serve (a flag named in "
+     "prose: sanitized plans compiled and served over HTTP)"),
     (r"heinfer compile model\.pt",
      "tests/test_calib_data.py::test_compile_a_saved_torch_module (the same CLI on a saved torch "
      "module)"),
