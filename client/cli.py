@@ -151,6 +151,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from heinfer.progress import Progress
+    from heinfer_client.errors import InputError
     from heinfer_client.images import load_inputs
 
     with _client(args) as c:
@@ -159,7 +160,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         inputs: list[tuple[str, Any]] = []
         for f in args.files:
             xs = load_inputs(f, m.spec.input_shape, batch=args.batch, convert=convert)
-            xs = [m.preprocess(x, args.normalized) for x in xs]  # all checked before keygen
+            try:  # every input checked before keys are made or anything is sent
+                xs = [m.preprocess(x, args.normalized) for x in xs]
+            except InputError as e:
+                raise InputError(f"{f}: {e}") from e
             many = args.batch and f.lower().endswith(".npy")
             inputs += [(f"{f}[{i}]" if many else f, x) for i, x in enumerate(xs)]
         _make_keys(args, c, m)

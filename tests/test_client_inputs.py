@@ -156,6 +156,7 @@ def test_cli_predict_contract_on_the_shipped_model(fmnist, tmp_path):
         # refused before any key is made: each error says what to pass
         out = _cli(tmp_path, srv.url, str(tmp_path / "unit.npy"))
         assert out.returncode == 2 and "--normalized" in out.stderr and "uint8" in out.stderr
+        assert out.stderr.startswith(f"heinfer: {tmp_path / 'unit.npy'}: model fmnist-cryptonets")
         assert "values 0..1" in out.stderr, out.stderr
         out = _cli(tmp_path, srv.url, str(tmp_path / "three.npy"), "--normalized")
         assert out.returncode == 2 and "3 channels" in out.stderr and "--batch" in out.stderr
