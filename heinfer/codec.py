@@ -1,4 +1,6 @@
-"""Client-side steps named by what they do: pack + encrypt an input, decrypt + decode an output."""
+"""Client-side steps named by what they do: pack + encrypt an input, decrypt + decode an output.
+Packing and reading go through the spec's packing contract (heinfer.contract), as in any other
+client."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ def encode_encrypt(be: Backend, spec: ModelSpec, x: np.ndarray) -> list[Cipherte
     if list(x.shape) != list(spec.input_shape):
         raise LayoutError(f"model {spec.name} takes input of shape {tuple(spec.input_shape)}, "
                           f"got {x.shape}")
-    return [be.encrypt(v) for v in spec.input_layout_obj().pack(x)]
+    return [be.encrypt(v) for v in spec.pack(x)]
 
 
 def encode_encrypt_bytes(be, spec: ModelSpec, x: np.ndarray) -> list[bytes]:
@@ -23,7 +25,7 @@ def encode_encrypt_bytes(be, spec: ModelSpec, x: np.ndarray) -> list[bytes]:
     if list(x.shape) != list(spec.input_shape):
         raise LayoutError(f"model {spec.name} takes input of shape {tuple(spec.input_shape)}, "
                           f"got {x.shape}")
-    return [be.encrypt_to_bytes(v) for v in spec.input_layout_obj().pack(x)]
+    return [be.encrypt_to_bytes(v) for v in spec.pack(x)]
 
 
 def decrypt_decode(be: Backend, spec: ModelSpec, cts: list[Ciphertext]) -> np.ndarray:
@@ -32,16 +34,12 @@ def decrypt_decode(be: Backend, spec: ModelSpec, cts: list[Ciphertext]) -> np.nd
 
 def encode_encrypt_batch(be, spec: ModelSpec, xs: np.ndarray) -> list[bytes]:
     """Throughput mode: up to `slots` images, one ciphertext per input element (seeded bytes)."""
-    layout = spec.input_layout_obj()
-    if not hasattr(layout, "pack_batch"):
-        raise LayoutError(f"model {spec.name} is not compiled for batches (layout {layout})")
-    return [be.encrypt_to_bytes(v) for v in layout.pack_batch(xs)]
+    return [be.encrypt_to_bytes(v) for v in spec.pack_batch(xs)]
 
 
 def decrypt_decode_batch(be: Backend, spec: ModelSpec, cts: list[Ciphertext],
                          batch: int) -> np.ndarray:
-    out = spec.output_layout_obj()
-    return out.unpack_batch([be.decrypt(ct) for ct in cts], batch) * spec.output.scale
+    return spec.decode_batch([be.decrypt(ct) for ct in cts], batch)
 
 
 def finish_output(spec: ModelSpec, decoded: np.ndarray, x: np.ndarray | None) -> np.ndarray:

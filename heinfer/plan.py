@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from heinfer import __version__
 from heinfer.backends.base import Backend, Ciphertext
+from heinfer.contract import PackingContract, packing_contract
 from heinfer.errors import LayoutError, ModelFormatError, PlanVersionError
 from heinfer.kernels.base import BuildContext, Kernel
 from heinfer.kernels.conv import RotationConv2d
@@ -76,6 +77,9 @@ class ModelSpec(BaseModel):
     rotation_steps: list[int]
     output: OutputSpec
     depth: int
+    packing: PackingContract | None = Field(
+        default=None, description="slot maps of the input and output (heinfer.contract): "
+        "what a client in any language needs to lay out an input and read the output")
 
     def input_layout_obj(self) -> Layout:
         return layout_from_dict(self.input_layout)
@@ -83,8 +87,32 @@ class ModelSpec(BaseModel):
     def output_layout_obj(self) -> Layout:
         return layout_from_dict(self.output.layout)
 
+    def pack(self, x: np.ndarray) -> list[np.ndarray]:
+        """One input -> slot vectors: through the packing contract (what every client uses),
+        or the layout for specs published before it existed."""
+        if self.packing is not None:
+            return self.packing.pack(x)
+        return self.input_layout_obj().pack(x)
+
+    def pack_batch(self, xs: np.ndarray) -> list[np.ndarray]:
+        if self.packing is not None:
+            if not self.packing.input.batch:
+                raise LayoutError(f"model {self.name} is not compiled for batches")
+            return self.packing.pack_batch(xs)
+        layout = self.input_layout_obj()
+        if not hasattr(layout, "pack_batch"):
+            raise LayoutError(f"model {self.name} is not compiled for batches (layout {layout})")
+        return layout.pack_batch(xs)
+
     def decode(self, vectors: list[np.ndarray]) -> np.ndarray:
+        if self.packing is not None:
+            return self.packing.unpack(vectors)
         return unpack(self.output_layout_obj(), vectors) * self.output.scale
+
+    def decode_batch(self, vectors: list[np.ndarray], batch: int) -> np.ndarray:
+        if self.packing is not None:
+            return self.packing.unpack(vectors, batch)
+        return self.output_layout_obj().unpack_batch(vectors, batch) * self.output.scale
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
@@ -266,6 +294,9 @@ class Plan:
                               flood=self.flood_summary(),
                               **self.metadata.get("output", {})),
             depth=self.params.top_level - kernels[-1].out_level,
+            packing=packing_contract(self.input_layout, kernels[-1].out_layout,
+                                     self.params.slots, self.params.top_level,
+                                     self.params.scale, self.output_scale),
         )
 
     def flood_spec(self):
