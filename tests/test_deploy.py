@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +148,54 @@ def test_tls_profile_puts_caddy_in_front(compose) -> None:
     assert all(p.startswith("127.0.0.1:") for p in heinfer["ports"])
     docs = (ROOT / "docs" / "SERVICE.md").read_text()
     assert "docker compose --profile tls up -d" in docs
+
+
+@pytest.fixture(scope="module")
+def caddy() -> str:
+    """Caddy's binary, for its own Caddyfile parser: on PATH, else taken out of Debian's caddy
+    package (apt-get download + dpkg-deb -x, cached in this environment) without installing it,
+    which on a systemd machine would start a web server."""
+    found = shutil.which("caddy")
+    if found:
+        return found
+    cache = Path(sys.prefix) / "share" / "heinfer-test-data" / "caddy"
+    binary = cache / "usr" / "bin" / "caddy"
+    if not binary.is_file():
+        dl = cache.parent / "caddy-deb"
+        dl.mkdir(parents=True, exist_ok=True)
+        got = run(["apt-get", "download", "caddy"], cwd=dl, timeout=300)
+        debs = list(dl.glob("caddy_*.deb"))
+        if got.returncode != 0 or not debs:
+            reason = f"Debian's caddy package could not be downloaded: {got.stdout[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(cache)], check=True)
+    return str(binary)
+
+
+def test_caddyfile_parses_as_caddy_reads_it(caddy) -> None:
+    caddyfile = ROOT / "deploy" / "Caddyfile"
+    assert subprocess.run([caddy, "fmt", str(caddyfile)], capture_output=True, text=True,
+                          check=True).stdout == caddyfile.read_text()  # formatted as caddy does
+    for domain in ("localhost", "heinfer.example.org"):
+        proc = subprocess.run([caddy, "adapt", "--config", str(caddyfile), "--adapter",
+                               "caddyfile"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "HEINFER_DOMAIN": domain})
+        assert proc.returncode == 0, proc.stderr
+        (server,) = json.loads(proc.stdout)["apps"]["http"]["servers"].values()
+        assert server["listen"] == [":443"]
+        (route,) = server["routes"]
+        assert route["match"] == [{"host": [domain]}]
+        (proxy,) = [h for r in route["handle"][0]["routes"] for h in r["handle"]]
+        assert proxy["handler"] == "reverse_proxy"
+        assert proxy["upstreams"] == [{"dial": "heinfer:8000"}]
+        assert proxy["transport"]["response_header_timeout"] == 330 * 10**9  # nanoseconds
+    # and caddy refuses a broken file, so the check can fail
+    broken = subprocess.run([caddy, "adapt", "--adapter", "caddyfile", "--config", "/dev/stdin"],
+                            input="localhost {\n\treverse_proxy heinfer:8000 {\n", text=True,
+                            capture_output=True, timeout=60)
+    assert broken.returncode != 0
 
 
 def _exit_seconds_with_request_in_flight(tmp_path: Path, grace_s: float, hold_s: float) -> float:
