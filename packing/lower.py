@@ -58,8 +58,14 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
             steps.append(PlanStep("flatten"))
         elif layer.op == "poly":
             coeffs = [float(c) * pending**i for i, c in enumerate(layer.attrs["coeffs"])]
+            reach = _input_reach(layer.attrs.get("range"), pending)
             pending = 1.0
             folded = fold_square(coeffs)
+            if folded is not None and reach is not None and abs(folded[1]) > SHIFT_LIMIT * reach:
+                # a nearly linear fit (tanh or sigmoid on a narrow range): a((x + s)^2 + c')
+                # with |s| >> |x| squares values far larger than x and cancels them again,
+                # losing CKKS precision; (a x + b) x + c costs one level more and keeps it
+                folded = None
             if folded is not None and last_linear is not None:
                 a, shift, const = folded
                 st = steps[last_linear]
@@ -83,6 +89,19 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
 
 # last steps that fold the output mask into their own plaintexts (heinfer.kernels.mask)
 MASK_FOLDING_OPS = ("dense", "conformal", "batch_linear", "batch_sumpool")
+
+
+# The folded square a((x + s)^2 + c') is used while |s| <= SHIFT_LIMIT x the largest |x| the
+# fitted activation saw (its "range"); beyond, its squares dwarf x (docs/COMPILER.md).
+SHIFT_LIMIT = 4.0
+
+
+def _input_reach(fit_range: list[float] | None, pending: float) -> float | None:
+    """Largest |input| of a fitted polynomial in the units the ciphertext carries (the model's
+    input divided by the factor still owed to it), or None when the range is unknown."""
+    if not fit_range or not pending:
+        return None
+    return max(abs(float(v)) for v in fit_range) / abs(pending) or None
 
 
 def plan_depth(steps: list[PlanStep]) -> int:

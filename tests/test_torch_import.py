@@ -83,8 +83,9 @@ def test_encrypted_matches_torch(imported):
     plain = he_model.forward(x)
     expected = _torch_logits(net, x)
     expected = expected - (expected.mean() - model.forward(x).mean())  # undo the softmax shift
-    # CKKS error (30-bit scale): observed 1e-3 (ops1, ops3) and 6.7e-3 (ops2, small weights)
-    assert np.abs(he - plain).max() < 2e-2 * max(1.0, np.abs(plain).max())
+    # CKKS error (30-bit scale): observed 4.6e-4, 2.4e-4, 6.8e-4 (ops1-3); ops2's nearly linear
+    # tanh and sigmoid fits gave 6.7e-3 while they were folded squares (lower.SHIFT_LIMIT)
+    assert np.abs(he - plain).max() < 2e-3 * max(1.0, np.abs(plain).max())
     assert np.abs(he - expected).max() < TORCH_BOUND * np.abs(expected).max()
     assert np.argmax(he) == np.argmax(expected)
 
