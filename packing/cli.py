@@ -179,7 +179,9 @@ def _main(argv: list[str] | None = None) -> int:
     show = not args.no_progress
     if args.name is not None:  # a wrong --name fails before any work
         plan_name(args.name, args.name)
-    model = _load(args.model, args.input_shape)
+    imported = Path(args.model).suffix in (".onnx", ".pt", ".pth", ".pt2")
+    with Phase(f"importing {args.model}", disable=not (show and imported)):  # 30 s at 3x224
+        model = _load(args.model, args.input_shape)
     from heinfer_packing.conformal import ConformalNet
 
     if isinstance(model, ConformalNet):
