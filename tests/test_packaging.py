@@ -103,6 +103,23 @@ def test_twine_check_and_metadata(dist: Dist) -> None:
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
 
 
+def test_wheel_holds_every_tracked_module(dist: Dist) -> None:
+    """The explicit package list misses nothing: every .py file git tracks in a package folder is
+    in the wheel under its import name (a new subpackage must be added to pyproject.toml)."""
+    tool = pyproject()["tool"]["setuptools"]
+    folders = {"heinfer": "heinfer", **tool["package-dir"]}  # import name -> folder
+    tracked = subprocess.run(["git", "ls-files", "--", *folders.values()], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    expected = set()
+    for name, folder in folders.items():
+        for path in tracked:
+            if path.startswith(folder + "/") and path.endswith(".py"):
+                expected.add(name + path[len(folder):])
+    with zipfile.ZipFile(dist.wheel) as whl:
+        names = set(whl.namelist())
+    assert expected and expected <= names, sorted(expected - names)
+
+
 def test_version_comes_from_one_place() -> None:
     project = pyproject()["project"]
     assert "version" not in project and "version" in project["dynamic"]
