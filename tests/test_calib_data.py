@@ -82,3 +82,18 @@ def test_compile_a_saved_torch_module(tmp_path, capsys):
              r"1x28x28.*\(3, 7, 7\)")):
         assert main(argv + ["--no-progress"]) == 2
         assert re.search(message, capsys.readouterr().err), message
+
+
+def test_a_torch_export_program_file(tmp_path):
+    """`.pt2` (torch.export.save) carries its input shape: no --input-shape needed."""
+    from heinfer_packing.torch_import import load_torch_file
+
+    torch.manual_seed(0)
+    net = tn.Ops3().eval()
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 3, 7, 7),)), tmp_path / "n.pt2")
+    model = load_torch_file(tmp_path / "n.pt2", None)
+    assert model.input_shape == (3, 7, 7) and model.metadata["import_check_error"] < 1e-6
+    x = np.random.default_rng(0).uniform(0, 1, size=(3, 7, 7))
+    with torch.no_grad():
+        expected = net(torch.as_tensor(x[None], dtype=torch.float32))[0].numpy()
+    assert np.abs(model.forward(x) - expected).max() < 1e-5
