@@ -114,12 +114,22 @@ def _spatial_matrix(ev: Evaluate, shape: tuple[int, ...], out_shape: tuple[int, 
     if hw > MAX_MAP:
         raise ModelFormatError(f"{where}: a layout change on a {h}x{w} map; heinfer evaluates "
                                f"these on maps of at most {MAX_MAP} positions")
-    basis = np.zeros((hw, c, hw))
-    basis[np.arange(hw), :, np.arange(hw)] = 1.0
-    try:  # all positions at once when the segment keeps the batch dimension
-        ys = ev(basis.reshape(hw, c, h, w)).reshape(hw, c, -1)
+    def unit(ks: range) -> np.ndarray:  # position k set to 1 in every channel, one per row
+        b = np.zeros((len(ks), c, hw))
+        b[np.arange(len(ks)), :, list(ks)] = 1.0
+        return b.reshape(len(ks), c, h, w)
+
+    def run(ks: range) -> np.ndarray:
+        out = ev(unit(ks))
+        if out.shape[0] != len(ks):
+            raise ValueError("the segment does not keep the batch dimension")
+        return out.reshape(len(ks), c, -1)
+
+    chunk = max(1, (1 << 22) // (c * hw))  # batches of at most 4M values (32 MB)
+    try:  # many positions per run when the segment keeps the batch dimension
+        ys = np.concatenate([run(range(k, min(hw, k + chunk))) for k in range(0, hw, chunk)])
     except Exception:  # noqa: BLE001 - e.g. a Reshape to a constant (1, -1)
-        ys = np.stack([ev(basis[k].reshape(1, c, h, w)).reshape(c, -1) for k in range(hw)])
+        ys = np.concatenate([run(range(k, k + 1)) for k in range(hw)])
     p = ys[:, 0, :].T
     x = np.random.default_rng(0).normal(size=shape)
     expected = ev(x[None]).reshape(-1)
@@ -128,6 +138,20 @@ def _spatial_matrix(ev: Evaluate, shape: tuple[int, ...], out_shape: tuple[int, 
         raise ModelFormatError(f"{where}: a layout change {shape} -> {out_shape} that mixes "
                                "channels (a real Transpose, a channel shuffle); unsupported")
     return p
+
+
+def _as_avgpool(x: np.ndarray, y: np.ndarray, name: str, flat: bool) -> list[Layer] | None:
+    """The layers when y is x average-pooled by k x k windows with stride k (k | H = W)."""
+    c, h, w = x.shape
+    q = y.size // c
+    ho = int(round(np.sqrt(q)))
+    if y.size != c * q or h != w or ho * ho != q or h % ho:
+        return None
+    k = h // ho
+    if not _close(avgpool2d(x, k, k).reshape(-1), y.reshape(-1), 1e-5):
+        return None
+    layers = [Layer(name, "avgpool2d", {"kernel": k, "stride": k})] if k > 1 else []
+    return layers + ([Layer(f"{name}.flatten", "flatten")] if flat else [])
 
 
 def movement_layers(ev: Evaluate, shape: tuple[int, ...], name: str,
@@ -149,6 +173,9 @@ def movement_layers(ev: Evaluate, shape: tuple[int, ...], name: str,
     if len(shape) != 3:
         return _vector_map(ev, shape[0], out_shape, name, where)
     c, h, w = shape
+    pooled = _as_avgpool(x, y, name, len(out_shape) == 1)
+    if pooled is not None:  # a global mean or an evenly dividing adaptive pooling: no basis runs
+        return pooled, []
     p = _spatial_matrix(ev, shape, out_shape, where)
     q = p.shape[0]
     flat = [Layer(f"{name}.flatten", "flatten")] if len(out_shape) == 1 else []
