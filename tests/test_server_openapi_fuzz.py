@@ -5,7 +5,7 @@ bounded budget (CI), 0 responses 5xx allowed, and the responses must match the d
 
 The longer run (docs/SERVICE.md, "Fuzzing") is the same command with a larger budget:
 
-    HEINFER_OPENAPI_FUZZ_EXAMPLES=1000 \
+    HEINFER_OPENAPI_FUZZ_EXAMPLES=2000 \
         .venv/bin/python -m pytest -q tests/test_server_openapi_fuzz.py -s
 """
 
