@@ -56,8 +56,7 @@ class LocalKeys:
             return self._eval_wire
 
     def _public_key(self) -> bytes | None:
-        """The public key, for the server to re-randomize outputs (TenSEAL backend; a Pyfhel
-        client sends none, and a sanitized plan then refuses its session)."""
+        """The public key, for the server to re-randomize outputs (both backends)."""
         make = getattr(self.backend, "public_key_bytes", None)
         return make() if make is not None else None
 

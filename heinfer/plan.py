@@ -44,6 +44,8 @@ from heinfer.rotations import RotationKeys, choose_keys
 PLAN_FORMAT_VERSION = 1
 # metadata entry holding the Galois key budget: {"max_keys": int | None, "steps": [int] | None}
 GALOIS_KEYS = "galois_keys"
+# metadata entry naming the backend that evaluates the plan ("pyfhel"; absent: the default)
+BACKEND = "backend"
 
 
 class OutputSpec(BaseModel):
@@ -188,6 +190,32 @@ class Plan:
             target = math.sqrt(self.params.scale * backend.prime(level - 1)) / 2.0**k
         return math.log2(scale / target)
 
+    # -- backend -----------------------------------------------------------------------------
+    @property
+    def backend_name(self) -> str:
+        """The backend the server evaluates this plan with (`metadata["backend"]`, default
+        TenSEAL): clients must make keys and ciphertexts with the same SEAL version, which the
+        spec names (`ModelSpec.backend`). "pyfhel" (SEAL 4.1) is what the browser page
+        (node-seal, SEAL 4.1) talks to."""
+        from heinfer.backends import BACKENDS, DEFAULT_BACKEND
+
+        name = self.metadata.get(BACKEND, DEFAULT_BACKEND)
+        if name not in BACKENDS:
+            raise ModelFormatError(f"plan {self.name}: metadata.backend {name!r} is not one of "
+                                   f"{list(BACKENDS)}")
+        return name
+
+    def for_backend(self, name: str) -> Plan:
+        """A copy of this plan served by backend `name` (part of the hash: another plan)."""
+        from heinfer.backends import BACKENDS, DEFAULT_BACKEND
+
+        if name not in BACKENDS:
+            raise ModelFormatError(f"backend {name!r}: choose one of {list(BACKENDS)}")
+        meta = {k: v for k, v in self.metadata.items() if k != BACKEND}
+        if name != DEFAULT_BACKEND:  # default left out: existing plans keep their hash
+            meta[BACKEND] = name
+        return replace(self, steps=list(self.steps), labels=list(self.labels), metadata=meta)
+
     # -- Galois key budget -------------------------------------------------------------------
     @property
     def key_budget(self) -> dict[str, Any] | None:
@@ -274,7 +302,7 @@ class Plan:
         if backend is None:
             from heinfer.backends import make_backend
 
-            backend = make_backend(self.params)
+            backend = make_backend(self.params, self.backend_name)
         if kernels is None:
             kernels = self.build_kernels(backend, encode=False, mask_output=mask_output)
         if rotations is None:

@@ -91,6 +91,7 @@ def _compile_conformal(net, args) -> int:
         args.calibrate or calibration_path(plan.params).exists()) else None
     if args.max_keys is not None or args.max_key_mb is not None:
         plan = apply_key_budget(plan, args.max_keys, calibration=cal, max_key_mb=args.max_key_mb)
+    plan = plan.for_backend(args.backend)
     text = (f"conformal network, {len(net.blocks)} blocks, collapsed: M {col.M.shape}, "
             f"R {col.R.shape} ({col.factor} factor), c0 {col.c0:.4g}\n\n"
             + report(plan, cal).to_text())
@@ -175,6 +176,10 @@ def _main(argv: list[str] | None = None) -> int:
                          "or --calib-npz)")
     ap.add_argument("--sanitize-queries", type=int, default=1, metavar="T",
                     help="decryptions per key the flooding bound covers (adds log2(T)/2 bits)")
+    ap.add_argument("--backend", choices=["tenseal", "pyfhel"], default="tenseal",
+                    help="the backend the server evaluates the plan with (the spec names it; "
+                         "clients use its SEAL version): pyfhel = SEAL 4.1, what the browser "
+                         "page (node-seal) speaks; default tenseal (SEAL 4.3)")
     args = ap.parse_args(argv)
     show = not args.no_progress
     if args.name is not None:  # a wrong --name fails before any work
@@ -229,6 +234,7 @@ def _main(argv: list[str] | None = None) -> int:
                                 max_key_mb=args.max_key_mb)
     if args.sanitize is not None:
         plan = _sanitize(plan, model, calib_x, args)
+    plan = plan.for_backend(args.backend)
     text = report(plan, cal).to_text()
     print(text)
     if args.out:

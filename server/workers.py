@@ -95,7 +95,7 @@ def _compiled(plan_path: str, plan_hash: str):
     if plan.hash() != plan_hash:
         raise ApiError("plan_files_missing", f"the model's plan file does not match its hash "
                        f"{plan_hash}; an operator must restore it or re-add the model")
-    compiled = CompiledPlan(plan, make_backend(plan.params))
+    compiled = CompiledPlan(plan, make_backend(plan.params, plan.backend_name))
     _lru_put(_PLANS, plan_hash, compiled, _LIMITS["models"])
     return compiled
 
@@ -130,7 +130,7 @@ def _session_backend(session_id: str, key_dir: str, compiled, tenant: str):
 
     cache_key = f"{session_id}:{compiled.spec.plan_hash}"
     hit = _SESSIONS.get(cache_key)
-    if hit is not None:
+    if hit is not None and _holds(hit, compiled, cache_key):
         return hit, True
     d = Path(key_dir)
     if not (d / KEY_FILES["RELIN_KEYS"]).exists():  # deleted or expired since the API checked
@@ -138,12 +138,25 @@ def _session_backend(session_id: str, key_dir: str, compiled, tenant: str):
     public = d / KEY_FILES["PUBLIC_KEY"]  # outputs are re-randomized with it when present
     try:
         keys = _stored_keys(d, compiled.spec.rotation_steps)
+        _LOADED.pop(compiled.spec.plan_hash, None)  # a shared backend drops what it held
         be = compiled.backend.with_eval_keys(keys, public.read_bytes() if public.exists()
                                              else None)
     except (HeinferError, OSError) as e:
         raise ApiError("internal", f"stored keys of session {session_id} do not load: {e}") from e
     _SESSIONS.put(cache_key, tenant, _key_cost(keys), be)
+    _LOADED[compiled.spec.plan_hash] = cache_key
     return be, False
+
+
+# A backend that holds one key set at a time (Pyfhel: `with_eval_keys` loads into the plan's
+# own backend, `shares_keys`) serves the session whose keys it loaded last; any other session's
+# keys are loaded again from its key directory first. A worker runs one job at a time.
+_LOADED: dict[str, str] = {}  # plan hash -> "session:plan hash" whose keys it holds
+
+
+def _holds(be, compiled, cache_key: str) -> bool:
+    return (not getattr(be, "shares_keys", False)
+            or _LOADED.get(compiled.spec.plan_hash) == cache_key)
 
 
 @dataclass(frozen=True)
@@ -167,13 +180,29 @@ def inspect_plan(json_path: str, allow_insecure: bool) -> PlanInfo:
                        f"plan {plan.name} uses {plan.params.describe()}; this server refuses "
                        "parameters below 128-bit security (HEINFER_ALLOW_INSECURE_PARAMS=true "
                        "for tests only)")
-    spec = plan.spec()
+    spec = plan.spec(_serving_backend(plan))
     # public input preprocessing recorded by training (e.g. normalization mean/std): clients
     # need it to turn raw pixels into the model's input; nothing else of the metadata is shown
     pre = plan.metadata.get("normalization")
     return PlanInfo(plan.name, spec.plan_hash, spec.model_dump_json(), plan.input_layout.n_ct,
                     plan.params.security_bits() < 128,
                     json.dumps({"normalization": pre} if pre else None))
+
+
+def _serving_backend(plan):
+    """The backend the plan names (metadata.backend), or invalid_plan when this server
+    cannot run it."""
+    from heinfer.backends import PYFHEL_MISSING, backend_available, make_backend
+    from heinfer.errors import HeinferError
+
+    try:
+        name = plan.backend_name
+    except HeinferError as e:
+        raise ApiError("invalid_plan", str(e)) from None
+    if not backend_available(name):
+        raise ApiError("invalid_plan", f"plan {plan.name} is compiled for the {name} backend, "
+                       f"which this server does not have: {PYFHEL_MISSING}")
+    return make_backend(plan.params, name)
 
 
 @dataclass(frozen=True)
@@ -249,6 +278,7 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
         from heinfer.backends.base import EvalKeyBytes
 
         keys = _stored_keys(dest, steps)  # as stored (compressed): the cache's size estimate
+        _LOADED.pop(job.plan_hash, None)  # a shared backend drops what it held
         session_be = be.with_eval_keys(
             EvalKeyBytes(plain["RELIN_KEYS"], plain.get("GALOIS_KEYS", b""), list(steps)),
             plain.get("PUBLIC_KEY"))
@@ -266,6 +296,7 @@ def validate_keys(job: KeyJob) -> dict[str, int]:
         raise ApiError("params_mismatch", f"the keys do not load under the model's parameters "
                        f"({params.describe()}): {type(e).__name__}") from e
     _SESSIONS.put(f"{job.session_id}:{job.plan_hash}", job.owner, _key_cost(keys), session_be)
+    _LOADED[job.plan_hash] = f"{job.session_id}:{job.plan_hash}"
     return sizes
 
 

@@ -55,7 +55,7 @@ COMPR = "zstd"  # what SEAL (and so TenSEAL's sealapi) writes by default
 # exceptions a C++ error in Pyfhel surfaces as (Cython's `except +` translation)
 _SEAL_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError, OSError, IndexError,
                 OverflowError)
-_SK_MAGIC = b"heinfer-pyfhel-sk1"
+_SK_MAGIC = b"heinfer-pyfhel-sk2"  # sk1 (no evaluation keys) could not resume
 
 
 class PyfhelPlain:
@@ -99,6 +99,12 @@ class PyfhelBackend:
         self._has_sk = False
         self._has_pk = False
         self._scratch: Pyfhel | None = None
+        self._layout: dict | None = None
+        self._own_keygen = False  # keyGen ran here: relin/rotate keys match the secret key
+        self._stored_eval: EvalKeyBytes | None = None
+        self.public_key: bytes | None = None  # the client's (server side), to sanitize outputs
+        # one Pyfhel object holds one key set: `with_eval_keys` loads into this backend itself
+        self.shares_keys = True
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -118,41 +124,93 @@ class PyfhelBackend:
             raise DepthExhaustedError(f"no level {level} in {self.params.describe()}")
         return self._primes[level]
 
+    def seal_layout(self) -> dict:
+        """As `TensealBackend.seal_layout` (the server's exact checks before SEAL parses an
+        upload). Pyfhel exposes no parms_id, so each level's is read where SEAL writes it: the
+        32 bytes after the header of an uncompressed ciphertext at that level (and of a public
+        key: the key level), made under a scratch key on a scratch object."""
+        if self._layout is None:
+            he = self._fresh()
+            he.keyGen()
+            ct = he.encryptPtxt(he.encodeFrac(np.zeros(1), scale=2.0))
+            by_level = []
+            for _ in range(self.params.top_level + 1):
+                by_level.append(ct.to_bytes("none")[16:48])
+                if len(by_level) <= self.params.top_level:
+                    he.mod_switch_to_next_ctxt(ct)
+            self._layout = {"version": self.seal_version, "n": self._n,
+                            "key_primes": list(self._primes),
+                            "level_parms_ids": by_level[::-1]
+                            + [he.to_bytes_public_key("none")[16:48]]}
+        return self._layout
+
     # -- keys -----------------------------------------------------------------------------
     def generate_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
         """Client side: make a secret key and the evaluation keys for exactly these steps."""
         self.he.keyGen()
         self._has_sk = self._has_pk = True
+        self._own_keygen, self._stored_eval = True, None
         # the client can evaluate too (tests, local runs): its keys are already loaded
         return self.make_eval_keys(rotation_steps)
 
     def make_eval_keys(self, rotation_steps: Iterable[int]) -> EvalKeyBytes:
-        """Client side: fresh evaluation keys from the secret key this backend holds."""
+        """Client side: evaluation keys for the secret key this backend holds. Pyfhel makes
+        them with the KeyGenerator of its last `keyGen` only (loading a secret key does not
+        replace it: keys made then belong to another secret key and decrypt to garbage), so a
+        loaded secret key brings the evaluation keys stored with it (`secret_key_bytes`)."""
         if not self._has_sk:
             raise SecretKeyError("making evaluation keys needs the client's secret key")
-        self.he.relinKeyGen()
         steps = sorted({s % self.slots for s in rotation_steps} - {0})
+        if not self._own_keygen:
+            stored = self._stored_eval
+            if stored is None or sorted(stored.rotation_steps) != steps:
+                raise SecretKeyError(
+                    "Pyfhel cannot make evaluation keys for a loaded secret key (it only makes "
+                    "them for the key of its own keyGen), and none for these rotation steps "
+                    "were stored with it: make new keys")
+            return stored
+        self.he.relinKeyGen()
         galois = b""
         if steps:  # an empty list would make Pyfhel generate every power-of-two key
             self.he.rotateKeyGen(steps)
             galois = self.he.to_bytes_rotate_key(COMPR)
         self._has_relin, self._has_galois = True, bool(steps)
         self.rotation_steps = set(steps)
+        self._stored_eval = EvalKeyBytes(relin_keys=self.he.to_bytes_relin_key(COMPR),
+                                         galois_keys=galois, rotation_steps=steps)
         return EvalKeyBytes(relin_keys=self.he.to_bytes_relin_key(COMPR), galois_keys=galois,
                             rotation_steps=steps)
+
+    def _fresh(self) -> Pyfhel:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            he = Pyfhel()
+            he.contextGen(scheme="CKKS", n=self.params.poly_modulus_degree,
+                          scale=self.params.scale, qi_sizes=list(self.params.coeff_mod_bits),
+                          sec=0 if self.params.insecure else 128)
+        return he
 
     def _probe(self) -> Pyfhel:
         """A scratch Pyfhel under the same parameters: loading an upload there to test whether
         it is a secret key leaves this backend's own keys untouched."""
         if self._scratch is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                he = Pyfhel()
-                he.contextGen(scheme="CKKS", n=self.params.poly_modulus_degree,
-                              scale=self.params.scale, qi_sizes=list(self.params.coeff_mod_bits),
-                              sec=0 if self.params.insecure else 128)
-            self._scratch = he
+            self._scratch = self._fresh()
         return self._scratch
+
+    def public_key_bytes(self) -> bytes:
+        """Client side: the public key, for the server's re-randomizing of outputs."""
+        if not self._has_pk:
+            raise SecretKeyError("making the public key needs the client's keys")
+        return self.he.to_bytes_public_key(COMPR)
+
+    def encrypt_zero_like(self, ct: Ciphertext) -> Ciphertext:
+        """A fresh encryption of zero under the client's public key (loaded with the session's
+        keys), at ct's level and scale: added to an output, it re-randomizes it."""
+        if self.public_key is None:
+            raise MissingKeyError("re-randomizing an output needs the client's public key")
+        zero = self.he.encryptPtxt(self.encode(np.zeros(self.slots), self.level(ct), ct.scale).pt)
+        zero.scale = ct.scale
+        return zero
 
     def _check_section(self, data: bytes, what: str) -> None:
         check_seal_bytes(data, self.seal_version, self.name, what)
@@ -180,6 +238,9 @@ class PyfhelBackend:
             except _SEAL_ERRORS as e:
                 raise ParamsMismatchError(
                     f"the public key does not load under {self.params.describe()}: {e}") from e
+        self.public_key = None
+        if not self._has_sk:  # server side: the previous session's public key is not this one's
+            self._has_pk = False
         steps = {s % self.slots for s in keys.rotation_steps} - {0}
         if steps and not keys.galois_keys:
             raise MissingKeyError(f"no Galois key for rotation step(s) {sorted(steps)}")
@@ -192,6 +253,9 @@ class PyfhelBackend:
             if keys.galois_keys:
                 self.he.from_bytes_rotate_key(bytes(keys.galois_keys))
                 self._has_galois = True
+            if public_key and not self._has_sk:  # server side: only to re-randomize outputs
+                self.he.from_bytes_public_key(bytes(public_key))
+                self._has_pk, self.public_key = True, bytes(public_key)
         except _SEAL_ERRORS as e:
             raise ParamsMismatchError(
                 f"evaluation keys do not load under {self.params.describe()}: {e}"
@@ -211,22 +275,33 @@ class PyfhelBackend:
         self.rotation_steps = set()
 
     def secret_key_bytes(self) -> bytes:
-        """The secret key (framed with the public key Pyfhel needs to encrypt), only when
-        asked for by name: the client stores it locally."""
+        """The secret key, framed with the public key Pyfhel needs to encrypt and the last
+        evaluation keys made (Pyfhel cannot make them again for a loaded secret key), only
+        when asked for by name: the client stores it locally."""
         if not self._has_sk:
             raise SecretKeyError("this backend holds no secret key")
-        sk = self.he.to_bytes_secret_key(COMPR)
-        pk = self.he.to_bytes_public_key(COMPR)
-        return _SK_MAGIC + struct.pack("<QQ", len(sk), len(pk)) + sk + pk
+        parts = [self.he.to_bytes_secret_key(COMPR), self.he.to_bytes_public_key(COMPR)]
+        ev = self._stored_eval
+        if ev is not None:
+            parts += [ev.relin_keys, ev.galois_keys,
+                      struct.pack(f"<{len(ev.rotation_steps)}q", *ev.rotation_steps)]
+        else:
+            parts += [b"", b"", b""]
+        return _SK_MAGIC + struct.pack("<5Q", *map(len, parts)) + b"".join(parts)
 
     def load_secret_key(self, data: bytes) -> None:
-        head = len(_SK_MAGIC) + 16
+        head = len(_SK_MAGIC) + 40
         if len(data) < head or not data.startswith(_SK_MAGIC):
-            raise SerializationError("not a secret key written by the pyfhel backend")
-        n_sk, n_pk = struct.unpack_from("<QQ", data, len(_SK_MAGIC))
-        if head + n_sk + n_pk != len(data):
+            raise SerializationError("not a secret key written by this heinfer's pyfhel "
+                                     "backend (older key stores: make new keys)")
+        sizes = struct.unpack_from("<5Q", data, len(_SK_MAGIC))
+        if head + sum(sizes) != len(data) or sizes[4] % 8:
             raise SerializationError("secret key bytes truncated or padded")
-        sk, pk = data[head: head + n_sk], data[head + n_sk:]
+        parts, at = [], head
+        for n in sizes:
+            parts.append(bytes(data[at: at + n]))
+            at += n
+        sk, pk, relin, galois, steps = parts
         check_seal_bytes(sk, self.seal_version, self.name, "secret key")
         check_seal_bytes(pk, self.seal_version, self.name, "public key")
         try:
@@ -236,6 +311,10 @@ class PyfhelBackend:
             raise ParamsMismatchError(
                 f"secret key does not load under {self.params.describe()}: {e}") from e
         self._has_sk = self._has_pk = True
+        self._own_keygen = False
+        self._stored_eval = (EvalKeyBytes(relin, galois,
+                                          list(struct.unpack(f"<{len(steps) // 8}q", steps)))
+                             if relin else None)
 
     @property
     def has_secret_key(self) -> bool:
