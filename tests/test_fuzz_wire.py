@@ -62,7 +62,7 @@ def env(tmp_path_factory):
         sid = new_session(alice, "tiny", keys)
         ct = wire.payloads(b := ct_body(keys, np.zeros((1, 6, 6))), wire.parse_header(b))[0]
         good = keys.eval_keys_wire()
-        relin, galois = wire.payloads(good, wire.parse_header(good))
+        relin, galois = wire.payloads(good, wire.parse_header(good))[:2]  # then PUBLIC_KEY
         yield {"srv": srv, "alice": alice, "sid": sid, "ct": ct, "relin": relin,
                "galois": galois, "ct_members": bytes(sm.members(ct)),
                "relin_members": bytes(sm.members(relin))}
