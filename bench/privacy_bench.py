@@ -8,6 +8,8 @@ For each model, in the same run and on the same test images, the curious client
 
 - `bare`: the plan as before issue 17 (no output mask),
 - `masked`: only the answer slots (folded into the last layer: no level),
+- `masked, level`: the mask as one `OutputMask` level instead (`lower(output_mask="level")`,
+  `heinfer-compile --output-mask level`): one more prime, no extra multiplies in the last layer,
 - `rerandomized`: masked plus a fresh encryption of zero under the client's public key,
 - `sanitized`: rerandomized plus flooding for `--bits` of statistical security, with the noise
   measured on two other test images (`packing.privacy.sanitize_plan`); a plan whose last level
@@ -70,6 +72,15 @@ def bench_model(name: str, images: int, bits: int, precise: bool) -> list[dict]:
     rows = [row(name, "bare", probe(plan, model, probe_xs, mask_output=False), scale),
             row(name, "masked", probe(plan, model, probe_xs), scale),
             row(name, "rerandomized", probe(plan, model, probe_xs, rerandomize=True), scale)]
+    if hasattr(model, "layers"):  # conformal plans fold their mask (no level variant)
+        from heinfer_packing.lower import lower
+
+        try:
+            level = lower(model, output_mask="level")
+        except HeinferError as e:
+            rows.append({"model": name, "variant": "masked, level", "error": str(e)})
+        else:
+            rows.append(row(name, "masked, level", probe(level, model, probe_xs), scale))
     rows.append(sanitized_row(name, f"sanitized {bits} bits", plan, model, probe_xs, calib,
                               bits))
     if precise:

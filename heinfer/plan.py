@@ -155,10 +155,12 @@ class Plan:
         layout, level, scale = self.input_layout, self.params.top_level, self.params.scale
         kernels: list[Kernel] = []
         last = self.last_computing_step()
+        # metadata "output_mask": "level" (compiler's choice): an OutputMask step, not folded
+        fold = self.metadata.get("output_mask", "fold") != "level"
         for i, step in enumerate(self.steps):
             down = self._scale_down_bits(i, level, scale, backend)
             k = _make_kernel(ctx, step, layout, level, scale, down,
-                             masked=mask_output and i == last)
+                             masked=mask_output and fold and i == last)
             kernels.append(k)
             layout, level, scale = k.out_layout, k.out_level, k.out_scale
         if mask_output and not getattr(kernels[last], "masks_output", False):
@@ -447,7 +449,8 @@ def _make_kernel_inner(ctx: BuildContext, step: PlanStep, layout, level: int, sc
         return DiagonalDense(ctx, step.weight, step.bias, layout, level, scale, a.get("baby"),
                              rescale=a.get("rescale", True),
                              headroom_bits=a.get("headroom_bits", 6),
-                             scale_down_bits=a.get("scale_down_bits", 0), masked=masked)
+                             scale_down_bits=a.get("scale_down_bits", 0), masked=masked,
+                             room_below=a.get("room_below", 0))
     if step.op == "compact":
         from heinfer.kernels.relayout import Compact
 

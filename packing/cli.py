@@ -150,6 +150,10 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-bits", type=int, metavar="B",
                     help="CKKS scale 2^B (data primes of B bits); default: the model's "
                          "metadata scale_bits, else 29")
+    ap.add_argument("--output-mask", choices=["fold", "level"], default="fold",
+                    help="only the answer slots leave the server: folded into the last layer "
+                         "(default, no level; one multiply per input slot) or one mask level "
+                         "(one more prime; cheaper when the last layer's inputs are dense)")
     ap.add_argument("--precise", action="store_true",
                     help="keep the last layer's rescale: ~10x smaller output error, one more "
                          "prime (slower); default: the last dense layer skips it")
@@ -223,7 +227,7 @@ def _main(argv: list[str] | None = None) -> int:
         with Phase(f"planning {model.name}", disable=not show):
             plan = lower(model, first_conv=args.first_conv,
                          final_rescale=True if args.precise else None,
-                         scale_bits=args.scale_bits,
+                         scale_bits=args.scale_bits, output_mask=args.output_mask,
                          compact={"auto": None, "always": True, "interleaved": "interleaved",
                                   "never": False}[args.compact])
     cal = None

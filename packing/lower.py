@@ -89,6 +89,9 @@ def fold_model(model: Model) -> tuple[list[PlanStep], float]:
 
 # last steps that fold the output mask into their own plaintexts (heinfer.kernels.mask)
 MASK_FOLDING_OPS = ("dense", "conformal", "batch_linear", "batch_sumpool")
+# "fold": into the last layer (no level); "level": an OutputMask step (one level)
+OUTPUT_MASKS = ("fold", "level")
+OUTPUT_MASK = "output_mask"  # plan metadata key
 
 
 # The folded square a((x + s)^2 + c') is used while |s| <= SHIFT_LIMIT x the largest |x| the
@@ -111,11 +114,15 @@ def plan_depth(steps: list[PlanStep]) -> int:
                for s in steps if s.attrs.get("rescale", True) or s.op not in ("dense",))
 
 
-def mask_depth(steps: list[PlanStep]) -> int:
+def mask_depth(steps: list[PlanStep], output_mask: str = "fold") -> int:
     """Levels the output mask adds: none when the last step folds it, else one
-    (`OutputMask`: only the answer slots leave the server)."""
+    (`OutputMask`: only the answer slots leave the server). `output_mask="level"`: one level
+    whatever the last step (cheaper than folding when the last layer's inputs are dense:
+    folding costs a plaintext multiply per input slot, docs/COMPILER.md)."""
     last = [s.op for s in steps if s.op != "flatten"]
-    return 1 if last and last[-1] not in MASK_FOLDING_OPS else 0
+    if not last or last[-1] in ("batch_linear", "batch_sumpool"):
+        return 0
+    return 1 if output_mask == "level" or last[-1] not in MASK_FOLDING_OPS else 0
 
 
 # Above about 52 bits SEAL's special prime made rotations markedly slower on this machine
@@ -184,7 +191,7 @@ def input_layout_for(first: PlanStep, input_shape: tuple[int, ...], slots: int,
 def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2col",
           output_div: float = 1.0, final_rescale: bool | None = None,
           batch: bool = False, scale_bits: int | None = None,
-          compact: bool | str | None = False) -> Plan:
+          compact: bool | str | None = False, output_mask: str = "fold") -> Plan:
     """Model -> Plan. `first_conv`: "im2col" (client arranges windows: larger upload, fastest)
     or "rotation" (input in one ciphertext: small upload, rotations on the server).
     `output_div` divides the last linear layer so logits fit the last prime's headroom.
@@ -205,8 +212,11 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
     if compact not in (None, True, False, "interleaved"):
         raise ModelFormatError(f"compact {compact!r}: choose None (priced), True, "
                                "'interleaved' or False")
+    if output_mask not in OUTPUT_MASKS:
+        raise ModelFormatError(f"output_mask {output_mask!r}: choose one of {OUTPUT_MASKS}")
     opts = dict(params=params, first_conv=first_conv, output_div=output_div,
-                final_rescale=final_rescale, batch=batch, scale_bits=scale_bits)
+                final_rescale=final_rescale, batch=batch, scale_bits=scale_bits,
+                output_mask=output_mask)
     if compact is None or compact is True or compact == "interleaved":
         plain = lower(model, **opts)
         points = [] if batch else compaction_points(plain)
@@ -277,7 +287,8 @@ def _cheapest(candidates: dict[str, Plan], points: list[int]) -> Plan:
 
 def _lower(model: Model, params: CKKSParams | None, first_conv: str, output_div: float,
            final_rescale: bool | None, batch: bool, scale_bits: int | None,
-           compact_after: list[int] | None = None, interleaved: bool = False) -> Plan:
+           compact_after: list[int] | None = None, interleaved: bool = False,
+           output_mask: str = "fold") -> Plan:
     steps, out_scale = fold_model(model)
     for i in sorted(compact_after or [], reverse=True):
         steps.insert(i + 1, PlanStep("compact", {"interleaved": True} if interleaved else {}))
@@ -301,21 +312,27 @@ def _lower(model: Model, params: CKKSParams | None, first_conv: str, output_div:
         raise ModelFormatError(f"scale_bits {scale_bits}: choose {MIN_SCALE_BITS}..60 (CKKS "
                                "keeps about scale_bits - 10 bits of precision; SEAL primes are "
                                "at most 60 bits)")
-    params = params or choose_params(plan_depth(steps) + mask_depth(steps), scale_bits,
-                                     out_bits=out_bits,
+    depth = plan_depth(steps) + mask_depth(steps, output_mask)
+    params = params or choose_params(depth, scale_bits, out_bits=out_bits,
                                      final_rescale=steps[-1].attrs.get("rescale", True))
     layout, first = input_layout_for(steps[0], model.input_shape, params.slots, first_conv)
     steps[0] = first
-    if plan_depth(steps) + mask_depth(steps) > params.depth:
+    if depth > params.depth:
         from heinfer.errors import DepthExhaustedError
 
         raise DepthExhaustedError(
-            f"model {model.name} needs depth {plan_depth(steps) + mask_depth(steps)} (with "
+            f"model {model.name} needs depth {depth} (with "
             f"the output mask), {params.describe()} gives "
             f"{params.depth}; add data primes or use choose_params()"
         )
     plan = Plan(model.name, params, tuple(model.input_shape), layout, steps, out_scale,
                 list(model.labels), {"first_conv": first_conv, **model.metadata})
+    if output_mask == "level" and not batch:
+        plan.metadata[OUTPUT_MASK] = "level"
+        if steps[-1].op == "dense":
+            # the OutputMask's rescale drops a prime after it: the unrescaled product must fit
+            # the primes left below it
+            steps[-1].attrs["room_below"] = 1
     if compact_after:
         plan.metadata["compact_after"] = list(compact_after)
     if steps[-1].op == "dense" and not steps[-1].attrs.get("rescale", True):
@@ -354,10 +371,18 @@ def _fit_final_scale(plan: Plan, model: Model) -> None:
     probe = Plan(plan.name, params, plan.input_shape, plan.input_layout, steps[:-1])
     before_last = probe.build_kernels(SymbolicBackend(params), encode=False,
                                        mask_output=False)[-1]
-    bits_left = sum(params.coeff_mod_bits[: before_last.out_level + 1]) - 1
+    room_level = before_last.out_level - steps[-1].attrs.get("room_below", 0)
+    bits_left = sum(params.coeff_mod_bits[: room_level + 1]) - 1
     # the bits above the headroom are shared by the incoming scale and the weights' scale: an
     # even split (never below 2^20 for the weights) gave the smallest logit error
     weight_bits = max(MIN_WEIGHT_SCALE_BITS, (bits_left - headroom) // 2)
+    if steps[-1].attrs.get("room_below") and bits_left - headroom - weight_bits < MIN_SCALE_BITS:
+        # (only checked for the mask level; the folded default keeps its earlier behaviour)
+        raise ModelFormatError(
+            f"the unrescaled last layer has {bits_left} bits at level {room_level} "
+            f"({params.describe()}): too few for 2^{MIN_SCALE_BITS} inputs, 2^{weight_bits} "
+            f"weights and {headroom} bits of output; give the first prime more bits (a larger "
+            "ring), let the last layer rescale (--precise) or fold the output mask")
     excess = math.log2(before_last.out_scale) - (bits_left - headroom - weight_bits)
     if excess <= 0:
         return

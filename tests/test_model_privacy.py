@@ -22,9 +22,10 @@ from heinfer.backends.symbolic import SymbolicBackend
 from heinfer_models import zoo
 from heinfer_models.curious import probe, zoo_plan
 
-# real CKKS at 128-bit parameters; n=8192 models in CI, the larger rings (up to a minute per
-# image and GBs of memory) with HEINFER_SLOW=1 only; the symbolic check below covers every
-# model's structure in CI
+# real CKKS at 128-bit parameters; in CI four n=8192 models (a sparse slot layout, a dense
+# vector, a dense grid and the conformal kernel's two outputs: the test budget), every other
+# (up to n=32768: a minute per image and GBs) with HEINFER_SLOW=1; the symbolic check below
+# covers every model's structure in CI
 CI_MODELS = ["fmnist-cryptonets", "fmnist-tenseal-tutorial", "fmnist-polyconv-1",
              "fmnist-conformal-1"]
 SLOW_MODELS = [m for m in zoo.names() if m not in CI_MODELS]
@@ -275,3 +276,24 @@ def test_sanitized_plan_served_by_heinfer_serve(tmp_path):
         r1, r2 = (post_predict(c, "mlp-1", s.id, query) for _ in range(2))
         assert r1.status_code == r2.status_code == 200 and r1.content != r2.content
         sdk.close()
+
+
+def test_output_mask_as_one_level_instead_of_folded():
+    """`output_mask="level"`: no folding (the last dense keeps its rotate-and-sum), one
+    OutputMask level, one more prime, the same privacy; where the last level cannot hold the
+    unrescaled layer any more the lowering says so instead of computing garbage."""
+    from heinfer.errors import ModelFormatError
+    from heinfer_packing.lower import lower
+
+    model = tiny_mlp(1)
+    xs = np.random.default_rng(9).normal(size=(2, 1, 4, 4))
+    folded, level = lower(model), lower(model, output_mask="level")
+    assert level.params.depth == folded.params.depth + 1
+    kernels = level.build_kernels(SymbolicBackend(level.params), encode=False)
+    assert kernels[-1].name == "output_mask" and kernels[-2].groups > 1
+    p = probe(level, model, xs)
+    assert p.max_answer_err < 6e-2
+    for ct, (largest, bound) in p.within_noise().items():
+        assert largest <= bound, (ct, largest, bound)
+    with pytest.raises(ModelFormatError, match="too few"):
+        lower(zoo.load("fmnist-cryptonets"), output_mask="level")

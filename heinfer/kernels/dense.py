@@ -109,7 +109,7 @@ class DiagonalDense(Kernel):
     def __init__(self, ctx: BuildContext, weight: np.ndarray, bias: np.ndarray | None,
                  in_layout, level: int, scale: float, baby: int | None = None,
                  replicas: int | None = None, rescale: bool = True, headroom_bits: int = 6,
-                 scale_down_bits: int = 0, masked: bool = False):
+                 scale_down_bits: int = 0, masked: bool = False, room_below: int = 0):
         super().__init__(ctx, in_layout, level, scale)
         be, slots = ctx.backend, ctx.slots
         self.masked = masked
@@ -118,7 +118,9 @@ class DiagonalDense(Kernel):
             self.needs_levels(ctx, 1)
             weight_scale = be.prime(level) / 2.0**scale_down_bits
         else:
-            bits_left = sum(be.params.coeff_mod_bits[: level + 1]) - 1
+            # room_below: levels an output mask drops after this layer (its product must fit
+            # the primes left then)
+            bits_left = sum(be.params.coeff_mod_bits[: level + 1 - room_below]) - 1
             weight_bits = bits_left - np.log2(scale) - headroom_bits
             if weight_bits < MIN_WEIGHT_SCALE_BITS:
                 raise LayoutError(
