@@ -136,8 +136,7 @@ def tiny_mlp(seed: int, spread: float = 0.3):
     from heinfer_packing.modelfile import Layer, Model
 
     r = np.random.default_rng(seed)
-    return Model(f"mlp-{seed}", (1, 4, 4), [
-        Layer("flatten", "flatten"),
+    return Model(f"mlp-{seed}", (16,), [
         Layer("fc1", "dense", {}, r.normal(0, spread, (8, 16)), r.normal(0, 0.1, 8)),
         Layer("act1", "poly", {"coeffs": [0.1, 0.5, 0.2]}),
         Layer("fc2", "dense", {}, r.normal(0, spread, (4, 8)), r.normal(0, 0.1, 4)),
@@ -167,7 +166,7 @@ def test_sanitized_outputs_are_the_answer_plus_the_published_flooding():
     """The flooding's std is what the spec publishes (every slot, both parts), the answer is
     numpy's within its Gaussian tail, and the plan's own noise is 2^15+ times smaller."""
     model = tiny_mlp(1)
-    xs = np.random.default_rng(7).normal(size=(6, 1, 4, 4))
+    xs = np.random.default_rng(7).normal(size=(6, 16))
     plan = sanitized(model, xs, stat_bits=30)
     flood = plan.flood_spec()
     assert flood.stat_bits == 30 and flood.sigma >= 2**15 * 6 * flood.noise_rms
@@ -193,8 +192,8 @@ def test_model_extraction_check_two_weight_sets():
     from heinfer.sanitize import Sanitizer
     from heinfer_packing.lower import lower
 
-    xs = np.concatenate([np.zeros((1, 1, 4, 4)), np.eye(16)[:3].reshape(3, 1, 4, 4),
-                         np.random.default_rng(3).normal(size=(2, 1, 4, 4))])
+    xs = np.concatenate([np.zeros((1, 16)), np.eye(16)[:3],
+                         np.random.default_rng(3).normal(size=(2, 16))])
     m1, m2 = tiny_mlp(1), tiny_mlp(2, spread=0.9)
     p1, p2 = sanitized(m1, xs), sanitized(m2, xs)
     # one flooding for both versions (the owner fixes it; the spec publishes sigma)
@@ -254,7 +253,7 @@ def test_sanitized_plan_served_by_heinfer_serve(tmp_path):
     )
 
     model = tiny_mlp(1)
-    xs = np.random.default_rng(5).normal(size=(3, 1, 4, 4))
+    xs = np.random.default_rng(5).normal(size=(3, 16))
     plan = sanitized(model, xs)
     sigma = plan.flood_spec().sigma
     with running_server(tmp_path / "srv", [plan.save(tmp_path / "plans" / "mlp")]) as srv:
@@ -286,7 +285,7 @@ def test_output_mask_as_one_level_instead_of_folded():
     from heinfer_packing.lower import lower
 
     model = tiny_mlp(1)
-    xs = np.random.default_rng(9).normal(size=(2, 1, 4, 4))
+    xs = np.random.default_rng(9).normal(size=(2, 16))
     folded, level = lower(model), lower(model, output_mask="level")
     assert level.params.depth == folded.params.depth + 1
     kernels = level.build_kernels(SymbolicBackend(level.params), encode=False)
