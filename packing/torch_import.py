@@ -109,6 +109,9 @@ def compile_torch(module: Any, example_input: Any, calibration: Any = None, degr
     from heinfer_packing.lower import lower
     from heinfer_packing.rewrites import format_records, rewrite
 
+    torch = _torch()
+    if example_input is not None:  # a calibration of the wrong shape fails before the export
+        as_calibration(calibration, tuple(_example(example_input, torch).shape[1:]))
     model = load_torch(module, example_input)
     calib_x, calib_y = as_calibration(calibration, model.input_shape)
     he_model, records = rewrite(model, calib_x, calib_y, degree=degree)

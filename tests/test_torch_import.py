@@ -139,3 +139,24 @@ def test_alexnet_224_imports_and_compiles():
     he_model, _ = rewrite(model, calib, degree=2)
     plan = lower(he_model, compact=True)
     assert [s.op for s in plan.steps].count("compact") == 2
+
+
+def test_compile_torch_end_to_end():
+    """The one-call API: export, import, rewrite on (images, labels), lower at 128-bit
+    parameters; the plan runs encrypted, close to torch's logits (this net's top two logits are
+    nearly tied, so its degree-2 rewrite keeps 81% of torch's predictions: the table says so)."""
+    from heinfer_packing import compile_torch
+
+    net = _net(tn.Ops3)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, size=(32, 3, 7, 7))
+    labels = np.array([int(np.argmax(_torch_logits(net, xi))) for xi in x])
+    plan = compile_torch(net, torch.zeros(1, 3, 7, 7), calibration=(x, labels))
+    assert plan.params.security_bits() == 128
+    assert "| original | - | yes | 100.00% |" in plan.metadata["rewrites"]
+    assert "| fit_activations |" in plan.metadata["rewrites"]
+    with pytest.raises(ModelFormatError, match=r"\(32, 1, 7, 7\).*\(3, 7, 7\)"):
+        compile_torch(net, torch.zeros(1, 3, 7, 7), calibration=x[:, :1])
+    he, _ = run_encrypted(plan.params, plan.input_layout, plan.steps, x[0])
+    expected = _torch_logits(net, x[0])
+    assert np.abs(he * plan.output_scale - expected).max() < TORCH_BOUND * np.abs(expected).max()
