@@ -296,3 +296,25 @@ def test_output_mask_as_one_level_instead_of_folded():
         assert largest <= bound, (ct, largest, bound)
     with pytest.raises(ModelFormatError, match="too few"):
         lower(zoo.load("fmnist-cryptonets"), output_mask="level")
+
+
+def test_bad_sanitizing_requests_are_clear_errors(capsys):
+    """A corrupted flooding spec, no calibration images, a pinned noise below the measured one,
+    and `--sanitize` without calibration data: one clear message each, never a traceback."""
+    from heinfer.errors import ModelFormatError
+    from heinfer_packing import cli
+    from heinfer_packing.lower import lower
+    from heinfer_packing.privacy import sanitize_plan
+
+    model = tiny_mlp(1)
+    plan = lower(model, precise_params())
+    bad = sanitized(model, np.zeros((2, 16)))
+    bad.metadata["privacy"] = {**bad.metadata["privacy"], "stat_bits": "thirty"}
+    with pytest.raises(ModelFormatError, match="privacy"):
+        bad.spec()
+    with pytest.raises(ModelFormatError, match="calibration images"):
+        sanitize_plan(plan, model, np.zeros((0, 16)))
+    with pytest.raises(ModelFormatError, match="below"):
+        sanitize_plan(plan, model, np.ones((1, 16)), noise_rms=1e-30)
+    assert cli.main(["fmnist-tenseal-tutorial", "--sanitize", "30"]) == 2
+    assert "--calib-fmnist" in capsys.readouterr().err
