@@ -150,10 +150,11 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-bits", type=int, metavar="B",
                     help="CKKS scale 2^B (data primes of B bits); default: the model's "
                          "metadata scale_bits, else 29")
-    ap.add_argument("--output-mask", choices=["fold", "level"], default="fold",
+    ap.add_argument("--output-mask", choices=["fold", "level", "auto"], default="fold",
                     help="only the answer slots leave the server: folded into the last layer "
-                         "(default, no level; one multiply per input slot) or one mask level "
-                         "(one more prime; cheaper when the last layer's inputs are dense)")
+                         "(default, no level; one multiply per input slot), one mask level "
+                         "(one more prime; cheaper when the last layer's inputs are dense), or "
+                         "the cheaper of the two (priced like --compact auto)")
     ap.add_argument("--precise", action="store_true",
                     help="keep the last layer's rescale: ~10x smaller output error, one more "
                          "prime (slower); default: the last dense layer skips it")

@@ -212,8 +212,13 @@ def lower(model: Model, params: CKKSParams | None = None, first_conv: str = "im2
     if compact not in (None, True, False, "interleaved"):
         raise ModelFormatError(f"compact {compact!r}: choose None (priced), True, "
                                "'interleaved' or False")
+    if output_mask == "auto":
+        return _cheapest_mask(model, dict(params=params, first_conv=first_conv,
+                                          output_div=output_div, final_rescale=final_rescale,
+                                          batch=batch, scale_bits=scale_bits, compact=compact))
     if output_mask not in OUTPUT_MASKS:
-        raise ModelFormatError(f"output_mask {output_mask!r}: choose one of {OUTPUT_MASKS}")
+        raise ModelFormatError(f"output_mask {output_mask!r}: choose one of "
+                               f"{OUTPUT_MASKS + ('auto',)}")
     opts = dict(params=params, first_conv=first_conv, output_div=output_div,
                 final_rescale=final_rescale, batch=batch, scale_bits=scale_bits,
                 output_mask=output_mask)
@@ -253,31 +258,57 @@ def compaction_points(plan: Plan) -> list[int]:
     return points
 
 
+def _price(plan: Plan, calibrated: bool) -> float:
+    """This machine's predicted ms (calibrated), else weighted operation counts (below)."""
+    from heinfer_packing.calibrate import load_or_calibrate
+    from heinfer_packing.report import report
+
+    if calibrated:
+        return report(plan, load_or_calibrate(plan.params)).predicted_ms
+    rep = report(plan)
+    ring = plan.params.poly_modulus_degree / 8192
+    total = 0.0
+    for lr in rep.layers:
+        for (op, level), count in lr.ops.items():
+            primes = level + 1
+            key_switch = op.removesuffix("_inplace") in ("rotate", "square", "multiply",
+                                                          "relinearize")
+            total += count * ring * (20 * primes**2 / 25 if key_switch else primes / 5)
+    return total
+
+
+def _cheapest_mask(model: Model, opts: dict) -> Plan:
+    """output_mask="auto": the folded mask and the mask level, priced like compaction (the
+    level is left out where the lowering refuses it); the choice in metadata["output_mask_
+    choice"]."""
+    from heinfer_packing.calibrate import calibration_path
+
+    candidates = {"fold": lower(model, **{**opts, "output_mask": "fold"})}
+    try:
+        candidates["level"] = lower(model, **{**opts, "output_mask": "level"})
+    except ModelFormatError as e:
+        candidates["fold"].metadata["output_mask_choice"] = {"chosen": "fold",
+                                                             "level_refused": str(e)}
+        return candidates["fold"]
+    calibrated = all(calibration_path(p.params).exists() for p in candidates.values())
+    prices = {name: _price(plan, calibrated) for name, plan in candidates.items()}
+    name = min(prices, key=prices.get)
+    best = candidates[name]
+    best.metadata["output_mask_choice"] = {"chosen": name, "prices": prices,
+                                           "unit": "calibrated ms" if calibrated
+                                           else "weighted op counts"}
+    return best
+
+
 def _cheapest(candidates: dict[str, Plan], points: list[int]) -> Plan:
     """The candidate this machine's calibration prices lowest. When some candidate's parameters
     are not calibrated: operation counts weighted by ring degree and primes (key switching
     grows with the square of the primes, the rest linearly; a rotation as 20 plaintext
     multiplies at n=8192 with 5 primes), so a deeper plan on a larger ring pays for it."""
-    from heinfer_packing.calibrate import calibration_path, load_or_calibrate
-    from heinfer_packing.report import report
+    from heinfer_packing.calibrate import calibration_path
 
     calibrated = all(calibration_path(p.params).exists() for p in candidates.values())
-
-    def price(plan: Plan) -> float:
-        if calibrated:
-            return report(plan, load_or_calibrate(plan.params)).predicted_ms
-        rep = report(plan)
-        ring = plan.params.poly_modulus_degree / 8192
-        total = 0.0
-        for lr in rep.layers:
-            for (op, level), count in lr.ops.items():
-                primes = level + 1
-                key_switch = op.removesuffix("_inplace") in ("rotate", "square", "multiply",
-                                                              "relinearize")
-                total += count * ring * (20 * primes**2 / 25 if key_switch else primes / 5)
-        return total
-
-    prices = {name: price(plan) for name, plan in candidates.items()}
+    prices = {name: _price(plan, calibrated) for name, plan in candidates.items()}
     name = min(prices, key=prices.get)
     best = candidates[name]
     best.metadata["compact"] = {"points": points, "chosen": name, "prices": prices,

@@ -318,3 +318,17 @@ def test_bad_sanitizing_requests_are_clear_errors(capsys):
         sanitize_plan(plan, model, np.ones((1, 16)), noise_rms=1e-30)
     assert cli.main(["fmnist-tenseal-tutorial", "--sanitize", "30"]) == 2
     assert "--calib-fmnist" in capsys.readouterr().err
+
+
+def test_auto_output_mask_prices_fold_against_level():
+    """polyconv-1's last layer reads a full grid (folding: 3145 multiplies): the mask level is
+    priced cheaper and chosen; cryptonets cannot have the level (35 bits left) and folds."""
+    from heinfer_packing.lower import lower
+
+    poly = lower(zoo.load("fmnist-polyconv-1"), output_mask="auto")
+    choice = poly.metadata["output_mask_choice"]
+    assert choice["chosen"] == "level" == poly.metadata["output_mask"]
+    assert choice["prices"]["level"] < choice["prices"]["fold"]
+    crypto = lower(zoo.load("fmnist-cryptonets"), output_mask="auto")
+    assert crypto.metadata["output_mask_choice"]["chosen"] == "fold"
+    assert "output_mask" not in crypto.metadata
