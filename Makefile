@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.heinfer-installed
 PYFHEL_STAMP := .venv/.pyfhel-installed
 
-.PHONY: setup demo test lint bench train lock dist
+.PHONY: setup demo test lint bench train lock dist web
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/dev.txt scripts/setup.sh
@@ -18,9 +18,19 @@ $(PYFHEL_STAMP): $(STAMP) scripts/build_pyfhel.sh
 	bash scripts/build_pyfhel.sh --install
 	touch $(PYFHEL_STAMP)
 
-test: $(STAMP) $(PYFHEL_STAMP)
+# The browser client's test needs Debian chromium and web/node_modules (npm ci).
+BROWSER_STAMP := web/node_modules/.heinfer-installed
+$(BROWSER_STAMP): web/package-lock.json scripts/setup_browser.sh
+	bash scripts/setup_browser.sh
+	touch $(BROWSER_STAMP)
+
+test: $(STAMP) $(PYFHEL_STAMP) $(BROWSER_STAMP)
 	$(PY) -m ruff check .
-	HEINFER_REQUIRE_PYFHEL=1 $(PY) -m pytest -q
+	HEINFER_REQUIRE_PYFHEL=1 HEINFER_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+
+# Rebuild the committed page (server/static/app) from web/ after changing web/src or web/static.
+web: $(BROWSER_STAMP)
+	cd web && npm run build
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

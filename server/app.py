@@ -200,6 +200,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def root() -> dict:
-        return {"service": "heinfer", "version": __version__, "docs": "/docs", "api": "/v1"}
+        return {"service": "heinfer", "version": __version__, "docs": "/docs", "api": "/v1",
+                "app": "/app/"}
+
+    from heinfer_server import webapp  # the browser client (static files, strict CSP)
+
+    app.mount("/app", webapp.PageFiles(), name="app")
 
     return app

@@ -131,3 +131,21 @@ def test_resumed_pyfhel_keys_bring_their_evaluation_keys():
     x = np.linspace(-1, 1, b.slots)
     sq = server.square(server.ciphertext_from_bytes(b.encrypt_to_bytes(x)))
     assert np.abs(b.decrypt(sq)[:8] - x[:8] ** 2).max() < 1e-3
+
+
+def test_compile_cli_backend_pyfhel(tmp_path, capsys):
+    """`heinfer compile fmnist-cryptonets --backend pyfhel --out ...` (README): the plan names
+    its backend, the spec says SEAL 4.1; the default stays TenSEAL with the same hash as before."""
+    from heinfer_packing.cli import main
+
+    assert main(["fmnist-cryptonets", "--backend", "pyfhel", "--no-progress",
+                 "--out", str(tmp_path / "web")]) == 0
+    assert main(["fmnist-cryptonets", "--no-progress", "--out", str(tmp_path / "ts")]) == 0
+    web, ts = Plan.load(tmp_path / "web.plan.json"), Plan.load(tmp_path / "ts.plan.json")
+    assert web.backend_name == "pyfhel" and ts.backend_name == "tenseal"
+    assert "backend" not in ts.metadata and web.hash() != ts.hash()
+    assert web.spec().backend.startswith("pyfhel/seal-4.1")
+    assert web.for_backend("tenseal").hash() == ts.hash()
+    with pytest.raises(SystemExit) as e:  # argparse: a usage error naming the choices
+        main(["fmnist-cryptonets", "--backend", "seal9", "--no-progress"])
+    assert e.value.code == 2 and "tenseal" in capsys.readouterr().err

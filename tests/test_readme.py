@@ -35,6 +35,10 @@ COMMANDS: list[tuple[str, str]] = [
     (r"python block: from heinfer_client import Client.*", RUN_HERE),
     (r"python block: from heinfer\.backends import make_backend.*", RUN_HERE),
     (r"heinfer-demo", RUN_HERE),
+    (r"heinfer compile fmnist-cryptonets --backend pyfhel --out plans/fmnist-web",
+     "tests/test_pyfhel_serving.py::test_compile_cli_backend_pyfhel (the browser test serves "
+     "the same plan: tests/test_browser.py::test_page_predicts_a_fashion_mnist_image_and_keeps_"
+     "its_secret_key)"),
     (r"heinfer config set api_key KEY", RUN_HERE),
     (r"heinfer config show", RUN_HERE),
     # names of the commands above, not commands of their own
