@@ -45,10 +45,11 @@ lock: $(STAMP)
 	$(PY) -m uv pip compile pyproject.toml $(LOCK_ARGS) --extra server --extra dev -o requirements/dev.txt
 	$(PY) -m uv pip compile pyproject.toml $(LOCK_ARGS) --extra server -c requirements/dev.txt -o requirements/server.txt
 
-# Release artefacts: sdist and wheel into dist/, checked as PyPI would (docs/RELEASING.md).
+# Release artefacts: sdist and wheel into dist/, checked as PyPI would (docs/RELEASING.md);
+# without PYTHONDONTWRITEBYTECODE, under which setuptools warns that it skips byte-compiling.
 dist: $(STAMP)
 	rm -rf dist
-	$(PY) -m build --outdir dist .
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m build --outdir dist .
 	$(PY) -m twine check --strict dist/*
 
 # Benchmarks: run on an otherwise idle machine (2 cores: anything else in parallel skews them).
