@@ -208,6 +208,7 @@ def test_fresh_install_runs_demo_compile_and_quick_tests(version: str, dist: Dis
                 timeout=600)
     assert quick.returncode == 0, quick.stdout[-4000:]
     assert re.search(r"\d+ passed", quick.stdout) and " failed" not in quick.stdout
+    shutil.rmtree(venv, ignore_errors=True)  # kept only when the test fails
 
 
 def test_find_python_checks_the_version() -> None:
