@@ -1,6 +1,6 @@
 // Drives the /app page in Debian's headless Chromium (playwright-core, no browser download):
 // connect, make keys, upload them, choose an image, predict. Prints one JSON line with what
-// the page showed. Usage: node e2e.mjs URL API_KEY MODEL IMAGE SCREENSHOT
+// the page showed (the last answer at the top level, every answer in `runs`). Usage: node e2e.mjs URL API_KEY MODEL IMAGE SCREENSHOT
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -43,10 +43,17 @@ try {
   await wait("keys-ready"); await check();
   await page.click("#upload-keys");
   await wait("session"); await check();
-  await page.setInputFiles("#image", image);
-  await wait("image"); await check();
-  await page.click("#predict");
-  await wait("done"); await check();
+  // IMAGE may list several files (comma-separated): each is chosen and predicted in turn
+  const more = [];
+  for (const [i, file] of image.split(",").entries()) {
+    await page.setInputFiles("#image", file);
+    await wait("image"); await check();
+    await page.click("#predict");
+    await wait("done"); await check();
+    more.push({ index: Number(await page.getAttribute("#label", "data-index")),
+                timings: await page.evaluate(() => ({ ...document.getElementById("timings").dataset })) });
+    if (i === 0) await page.screenshot({ path: shot, fullPage: true });
+  }
   const out = {
     csp,
     label: await page.textContent("#label"),
@@ -63,6 +70,7 @@ try {
     })),
     requests,
     consoleErrors,
+    runs: more,
     // the test unwraps the kept key with the passphrase (as the page would) to look for it in
     // everything the server stored: proof of the wrapping, and the needle for "never sent"
     secretKey: await page.evaluate(async ([pass, name]) => {
@@ -79,7 +87,6 @@ try {
       return btoa(bin);
     }, [PASSPHRASE, model]),
   };
-  await page.screenshot({ path: shot, fullPage: true });
   console.log(JSON.stringify(out));
 } finally {
   await context.close();
