@@ -83,7 +83,7 @@ class Tally:
 
 
 def client_loop(url: str, api_key: str, model: str, spec: ModelSpec, xs: np.ndarray,
-                expected: list[int], deadline: float, tally: Tally) -> None:
+                expected: list[int], deadline: float, tally: Tally, churn: int) -> None:
     keys = LocalKeys(spec)
     key_body = keys.eval_keys_wire()
     bodies = [keys.encode_encrypt(x) for x in xs]
@@ -121,7 +121,7 @@ def client_loop(url: str, api_key: str, model: str, spec: ModelSpec, xs: np.ndar
             if i % 10 == 0:
                 tally.record(c.get("/v1/models"))
                 tally.record(c.get(f"/v1/sessions/{sid}"))
-            if i % 40 == 0:
+            if i % churn == 0:
                 old, sid = sid, new_session()
                 tally.record(c.delete(f"/v1/sessions/{old}"))
 
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="fmnist-cryptonets")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--images", type=int, default=4, help="pre-encrypted images per client")
+    ap.add_argument("--churn", type=int, default=40,
+                    help="iterations between a client's session replacements")
     args = ap.parse_args(argv)
 
     model = zoo.load(args.model)
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = t0 + args.minutes * 60
             threads = [threading.Thread(target=client_loop, daemon=True, args=(
                 srv.url, key, args.model, spec, xs[i * args.images:(i + 1) * args.images],
-                expected[i * args.images:(i + 1) * args.images], deadline, tally))
+                expected[i * args.images:(i + 1) * args.images], deadline, tally, args.churn))
                 for i, key in enumerate(keys.values())]
             for t in threads:
                 t.start()
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     wk0, wk1 = warm[0][2], warm[-1][2]
     result = {
         "command": f"python -m bench.soak --minutes {args.minutes:g} --clients {args.clients} "
+                   f"--churn {args.churn} "
                    f"--model {args.model} --workers {args.workers}",
         "seconds": round(elapsed, 1), "predicts": tally.predicts,
         "predicts_per_s": round(tally.predicts / elapsed, 2),
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "workers_rss_growth": round(wk1 / wk0 - 1, 4) if wk0 else None,
         "server_tracebacks": server_log.count("Traceback"),
         "load_average_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],
+        # (seconds, API MB, workers MB) every 5 s: a plateau is a cache filling, a slope a leak
+        "rss_samples": [(round(t), round(a / 1024, 1), round(w / 1024, 1))
+                        for t, a, w in samples],
     }
     for k, v in result.items():
         print(f"{k:20s} {v}")

@@ -66,8 +66,8 @@ class Limiter:
         """Hold one of the key's upload slots while its body is read."""
         n = self._uploads.get(principal_id, 0)
         if n >= self._max_uploads:
-            raise self._refuse("too_many_uploads", f"this API key is already sending {n} "
-                               "request bodies (HEINFER_MAX_UPLOADS_PER_KEY); wait for one to "
+            raise self._refuse("too_many_uploads", f"this API key is already sending {n} key or "
+                               "plan uploads (HEINFER_MAX_UPLOADS_PER_KEY); wait for one to "
                                "finish", 1)
         self._uploads[principal_id] = n + 1
         try:
