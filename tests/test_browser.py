@@ -154,3 +154,40 @@ def test_committed_page_is_the_build_of_web(tmp_path):
     assert names == sorted(p.name for p in committed.iterdir())
     for n in names:
         assert (tmp_path / n).read_bytes() == (committed / n).read_bytes(), f"{n}: run `make web`"
+
+
+@pytest.mark.parametrize("name", ["fmnist-cryptonets", "fmnist-alexnet", "fmnist-conformal-1",
+                                  "fmnist-polyconv-8", "fmnist-tenseal-tutorial"])
+def test_page_packs_and_reads_like_the_sdk(name):
+    """web/src/heinfer.js (what the page runs) against heinfer.codec (what the SDK runs), slot
+    for slot, through the same spec JSON: packing, output reading and conformal finishing."""
+    from heinfer.codec import finish_output
+    from heinfer.plan import ModelSpec
+    from heinfer_models import zoo
+    from heinfer_packing.conformal import ConformalNet, lower_conformal
+    from heinfer_packing.lower import lower
+
+    model = zoo.load(name)
+    plan = (lower_conformal(model, name, model.metadata.get("labels"))[0]
+            if isinstance(model, ConformalNet) else lower(model))
+    spec = ModelSpec.model_validate_json(plan.spec().model_dump_json())  # as a client reads it
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(spec.input_shape)
+    vectors = [rng.standard_normal(spec.packing.slots)
+               for _ in range(spec.packing.output.ciphertexts)]
+    doc = {"spec": json.loads(spec.model_dump_json()), "x": x.reshape(-1).tolist(),
+           "vectors": [v.tolist() for v in vectors]}
+    r = subprocess.run(["node", "test/contract.mjs"], cwd=WEB, input=json.dumps(doc),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    js = json.loads(r.stdout)
+    want = spec.pack(x)
+    got = [np.zeros(spec.packing.slots) for _ in want]
+    for ct, slot, val in js["nonzero"]:
+        got[ct][slot] = val
+    for c, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert np.array_equal(w, g), (name, c, np.flatnonzero(w != g)[:5])
+    decoded = spec.decode(vectors)
+    assert np.array_equal(np.asarray(js["decoded"]), decoded.reshape(-1))
+    np.testing.assert_allclose(js["logits"], finish_output(spec, decoded, x).reshape(-1),
+                               rtol=1e-12, atol=1e-12)

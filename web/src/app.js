@@ -2,7 +2,7 @@
 // predict, decrypt. The secret key lives in this page (and, wrapped with the user's passphrase,
 // in IndexedDB when asked); it is never sent. Same-origin requests only (CSP connect-src 'self').
 import SEAL from "node-seal/throws";
-import { Keys, preprocess, softmax } from "./heinfer.js";
+import { Keys, finishOutput, preprocess, softmax } from "./heinfer.js";
 
 const $ = (id) => document.getElementById(id);
 const state = { seal: null, models: [], info: null, keys: null, session: null, input: null };
@@ -181,7 +181,7 @@ async function predict() {
                       { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body });
   const answer = new Uint8Array(await r.arrayBuffer());
   const t2 = performance.now();
-  const logits = state.keys.decrypt(answer);
+  const logits = finishOutput(state.info.spec, state.keys.decrypt(answer), state.input);
   const t3 = performance.now();
   const probs = softmax(logits);
   const labels = state.info.spec.output.labels;

@@ -70,6 +70,17 @@ export function unpack(contract, vectors) {
   return out;
 }
 
+/** Decoded outputs -> logits: unchanged for plain models; conformal models (output.kind
+ *  "conformal") decode z (one per class) then q, and logits = z / (c0 ||x|| + q) + bias, with x
+ *  the preprocessed input only this page knows (heinfer.codec.finish_output). */
+export function finishOutput(spec, decoded, x) {
+  const out = spec.output;
+  if (out.kind !== "conformal") return Float64Array.from(decoded);
+  const norm = Math.sqrt(Array.from(x).reduce((a, v) => a + v * v, 0));
+  const q = decoded[decoded.length - 1];
+  return Float64Array.from(decoded.slice(0, -1), (z, i) => z / (out.c0 * norm + q) + out.bias[i]);
+}
+
 export function softmax(z) {
   const m = Math.max(...z);
   const e = Array.from(z, (v) => Math.exp(v - m));
