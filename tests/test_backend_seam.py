@@ -47,10 +47,10 @@ def test_keys_through_the_protocol(name):
     assert np.max(np.abs(out - np.roll(x * x, -4))) < 1e-3
     # a secret key in any section is refused, whatever it is declared as
     sk = client.secret_key_bytes()
-    if name == "pyfhel":  # framed with its public key: the SEAL object is inside
-        head = len(b"heinfer-pyfhel-sk1")
+    if name == "pyfhel":  # framed with its public and evaluation keys: the SEAL object inside
+        head = len(b"heinfer-pyfhel-sk2")
         (n_sk,) = struct.unpack_from("<Q", sk, head)
-        sk = sk[head + 16: head + 16 + n_sk]
+        sk = sk[head + 40: head + 40 + n_sk]  # five u64 lengths
     for bad in (EvalKeyBytes(sk, keys.galois_keys, STEPS),
                 EvalKeyBytes(keys.relin_keys, sk, STEPS)):
         with pytest.raises((SecretKeyError, ParamsMismatchError)) as e:
