@@ -14,7 +14,11 @@ were made for; a model that changes plan answers 409 (`PlanChangedError`).
 Retries: `predict` has no side effects, so it is retried on connection errors, dropped
 connections and 503 (queue full: waits Retry-After), with exponential backoff. Other calls
 are retried only when the request certainly did not reach the server (connect errors) or the
-server refused it before doing anything (503). A refused TCP connection (nothing listening)
+server refused it before doing anything (503, and the pacing 429s `rate_limited` and
+`too_many_uploads`: the SDK waits the server's Retry-After when it is at most
+`max_retry_after` seconds, else raises `QuotaExceededError` with `.retry_after` set). Other
+429s are final: a storage quota does not free itself, and retrying after `too_many_bad_keys`
+or `too_many_crashes` would only extend the block. A refused TCP connection (nothing listening)
 is reported at once, not retried, unless `Client(refused_wait=S)` asks to ride through a
 restart. A request whose evaluation killed a server worker (`worker_crashed`) is never
 retried, whatever its status: the same input would end the same way on the next worker
@@ -50,6 +54,8 @@ from heinfer_client.keystore import Keystore
 
 BINARY = "application/octet-stream"
 RETRY_STATUSES = {503}
+# 429s that only ask the client to slow down: refused before any work, safe to send again
+PACING_CODES = {"rate_limited", "too_many_uploads"}
 FINAL_CODES = {"worker_crashed"}  # never retried, even under a retryable status
 SAFE = "safe"  # retry on any transport error: the call has no side effects
 CONNECT = "connect"  # retry only when the request cannot have reached the server
@@ -92,14 +98,17 @@ class Client:
     http://127.0.0.1:8000 and no key. `transport` (an httpx transport) lets tests drive the
     client from a function (`httpx.MockTransport`) or record what is sent. `verify` is passed
     to httpx: a CA bundle path for a server with a private certificate. A refused connection
-    is reported at once; `refused_wait` seconds of retries ride through a server restart."""
+    is reported at once; `refused_wait` seconds of retries ride through a server restart.
+    A pacing 429 (`rate_limited`, `too_many_uploads`) is waited out when its Retry-After is at
+    most `max_retry_after` seconds."""
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  transport: httpx.BaseTransport | None = None,
                  keystore: Keystore | str | Path | None = None, allow_insecure: bool = False,
                  retries: int = 6, backoff: float = 0.25, max_backoff: float = 8.0,
                  timeout: float = 600.0, verify: bool | str | ssl.SSLContext = True,
-                 refused_wait: float = 0.0, config: Resolved | None = None):
+                 refused_wait: float = 0.0, max_retry_after: float = 60.0,
+                 config: Resolved | None = None):
         self.config = config or resolve(
             url=url, api_key=api_key, flags=False, with_admin=False,
             cacert=verify if isinstance(verify, str) else None,
@@ -112,6 +121,7 @@ class Client:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.refused_wait = refused_wait
+        self.max_retry_after = max_retry_after
         self.keystore = keystore if isinstance(keystore, Keystore) else Keystore(
             self.config.keystore)
         if verify is True and self.config.cacert:
@@ -151,6 +161,15 @@ class Client:
                     self._sleep(attempt, _retry_after(r))
                     attempt += 1
                     continue
+                if (r.status_code == 429 and _code(r) in PACING_CODES and retry != NEVER
+                        and attempt < self.retries):
+                    wait = _retry_after(r)
+                    if wait is not None and wait <= self.max_retry_after:
+                        # the server said when: wait that long (not capped by max_backoff,
+                        # which would only hit the same limit again)
+                        time.sleep(wait + 0.05 + 0.25 * random.random())
+                        attempt += 1
+                        continue
                 if r.is_error:
                     raise _problem(r, self.config)
                 return r

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from heinfer import wire
+from heinfer_client import Client, errors
 from heinfer_client.keys import LocalKeys
 from heinfer_client.local import LocalServer, heinfer_command
 from tests.test_server_support import (
@@ -289,6 +290,26 @@ def test_request_rate_per_key(throttled):
     time.sleep(int(r.headers["retry-after"]) + 0.2)
     assert alice.get("/v1/models").status_code == 200
     assert 'heinfer_limit_rejections_total{code="rate_limited"}' in bob.get("/metrics").text
+
+
+def test_sdk_waits_out_pacing_429s_and_raises_beyond_its_patience(throttled):
+    """The SDK honours Retry-After on `rate_limited` (refused before any work, so safe to
+    resend), and raises at once when the server asks for a longer wait than it will take."""
+    time.sleep(2.2)  # a fresh window after the previous test's burst
+    with Client(throttled.url, ALICE) as c:
+        t0 = time.monotonic()
+        for _ in range(14):  # 4 past the limit of 10 per 2 s: one wait, no error
+            assert any(m["name"] == "tiny" for m in c.models())
+        assert time.monotonic() - t0 >= 0.9
+    time.sleep(2.2)
+    with Client(throttled.url, ALICE, max_retry_after=0.5) as c:
+        for _ in range(10):
+            c.models()
+        t0 = time.monotonic()
+        with pytest.raises(errors.QuotaExceededError) as e:
+            c.models()
+        assert e.value.code == "rate_limited" and e.value.retry_after >= 1
+        assert time.monotonic() - t0 < 0.5
 
 
 def test_docs_and_openapi_can_require_a_key(throttled):
