@@ -92,7 +92,7 @@ def test_zoo_bench_quick_runs_and_is_sane():
     rows = {r["model"]: r for r in data["rows"]}
     assert set(rows) == set(zoo.names())
     measured = {n for n, r in rows.items() if r["latency"]["status"] == "measured"}
-    assert {"fmnist-cryptonets", "fmnist-conformal-1"} <= measured  # about 0.1 and 0.3 s
+    assert {"fmnist-cryptonets", "fmnist-conformal-1"} <= measured  # ~0.1, ~0.8 s (masked)
     for name, r in rows.items():
         la, th = r["latency"], r["throughput"]
         assert r["ring"] in (8192, 16384, 32768) and 1 <= r["depth_used"] <= r["depth"], name

@@ -11,7 +11,10 @@ N_IMAGES = 8
 # prime = 51 bits, running scale lowered to about 2^23 before the last layer) show max logit
 # errors of 1e-2..3e-2; precise plans (one more prime, 39-bit special prime) 4e-4..8e-4. The
 # bounds leave about 2x room and are far below what a wrong layout or weight gives (O(1)).
-LOGIT_BOUND = 6e-2
+# Masked plans (issue 17): a last layer that reads a full grid folds the mask into one
+# diagonal per input slot, and its error grows (fmnist-polyconv-2: 0.02 unmasked, 0.04..0.063
+# masked over 8 images), hence 0.12, not 0.06.
+LOGIT_BOUND = 1.2e-1
 PRECISE_LOGIT_BOUND = 2e-3
 
 
