@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Response
@@ -106,11 +107,13 @@ def _route_label(scope) -> str:
     return prefix + template
 
 
-async def _background_start(state: ServerState) -> None:
+async def _background_start(state: ServerState,
+                            on_failure: Callable[[], None] | None) -> None:
+    from heinfer_server.api.routes.models import install_plan
+
+    path = None
     try:
         await state.pool.warm_up()
-        from heinfer_server.api.routes.models import install_plan
-
         for path in state.settings.plan_paths():
             row, created = await install_plan(state, path, name=None, replace=True)
             log.info("plan preloaded", extra={"model": row.name, "plan_hash": row.plan_hash,
@@ -118,8 +121,16 @@ async def _background_start(state: ServerState) -> None:
         state.preload_done = True
         log.info("ready", extra={"workers": state.pool.workers})
     except Exception as e:
-        state.startup_error = f"{type(e).__name__}: {e}"
-        log.exception("start-up failed; the server stays not ready")
+        what = f"preloading plan {path}" if path is not None else "starting the workers"
+        reason = f"{e.code}: {e.detail}" if isinstance(e, errors.ApiError) else (
+            f"{type(e).__name__}: {e}")
+        state.startup_error = f"{what} failed: {reason}"
+        if isinstance(e, errors.ApiError):  # the plan's own fault: one line, no traceback
+            log.error("start-up failed", extra={"reason": state.startup_error})
+        else:
+            log.exception("start-up failed", extra={"reason": state.startup_error})
+        if on_failure is not None:
+            on_failure()
 
 
 async def _sweeper(state: ServerState) -> None:
@@ -133,7 +144,10 @@ async def _sweeper(state: ServerState) -> None:
             log.exception("sweep failed")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *,
+               on_startup_failure: Callable[[], None] | None = None) -> FastAPI:
+    """`on_startup_failure` is called when the workers or a preloaded plan fail to start
+    (`heinfer serve` stops and exits 2); without it the app stays up, not ready, saying why."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -163,7 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("starting", extra={"data_dir": str(store.data_dir), "recovered": report.summary(),
                                     "models": [m.name for m in st.list_models(store)],
                                     "workers": settings.workers})
-        tasks = [asyncio.create_task(_background_start(state)),
+        tasks = [asyncio.create_task(_background_start(state, on_startup_failure)),
                  asyncio.create_task(_sweeper(state))]
         try:
             yield

@@ -104,16 +104,31 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logs.configure(settings.log_level, settings.log_json)
     proxies = settings.trusted_proxies.strip()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-                ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-                log_config=None, access_log=False,
-                timeout_graceful_shutdown=settings.shutdown_grace_s,
-                server_header=False,
-                # X-Forwarded-For decides the address that wrong keys are counted against:
-                # believed only from configured proxies (uvicorn's default trusts 127.0.0.1)
-                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
-                http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes))
+    # a server that can never become ready stops (exit 2) so a supervisor or the operator
+    # sees it, instead of staying up answering 503 not_ready
+    server: list[uvicorn.Server] = []
+    app = create_app(settings, on_startup_failure=lambda: setattr(server[0], "should_exit", True))
+    server.append(uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        log_config=None, access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        server_header=False,
+        # X-Forwarded-For decides the address that wrong keys are counted against:
+        # believed only from configured proxies (uvicorn's default trusts 127.0.0.1)
+        proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
+        http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes))))
+    try:
+        server[0].run()
+    except KeyboardInterrupt:
+        pass
+    state = getattr(app.state, "heinfer", None)
+    if state is not None and state.startup_error:
+        print(f"heinfer serve: {state.startup_error}", file=sys.stderr)
+        return 2
+    if not server[0].started:  # as uvicorn.run: the socket or the lifespan failed
+        return 3
     return 0
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,6 +380,21 @@ def test_missing_plan_file_exits_non_zero(tmp_path):
                          env={**os.environ, **server_env(), "HEINFER_DATA_DIR": str(tmp_path)},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "missing.json not found" in out.stderr, out
+
+
+def test_a_preloaded_plan_that_fails_to_install_stops_the_server(tmp_path):
+    """Not only a missing file: any preloaded plan the workers refuse (here its weights are
+    garbage) stops `heinfer serve` with exit 2 and the reason, instead of a server that stays
+    up answering 503 not_ready forever."""
+    plan = tiny_plan(tmp_path / "plans")
+    Path(str(plan).removesuffix(".json") + ".npz").write_bytes(b"PK\x03\x04 not a zip")
+    out = subprocess.run([*heinfer_command(), "serve", "--plan", str(plan), "--port", "0"],
+                         env={**os.environ, **server_env(),
+                              "HEINFER_DATA_DIR": str(tmp_path / "data")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert f"preloading plan {plan} failed: invalid_plan" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_stopping_the_server_leaks_no_semaphores(tmp_path):
