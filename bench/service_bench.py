@@ -25,6 +25,7 @@ import numpy as np
 
 from bench.results_io import save_results
 from heinfer.backends import make_backend
+from heinfer.check import checked
 from heinfer.codec import encode_encrypt_bytes
 from heinfer.plan import CompiledPlan
 from heinfer_client import Client
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     model = zoo.load(args.model)
     images, _ = fashion_mnist.load("test")
     xs = fashion_mnist.normalize(images[:8])
-    plan = lower(model)
+    plan = checked(lower(model), xs, model.forward)
     base = in_process_ms(plan, xs)
     results = {"in_process_ms_median": statistics.median(base), "configs": []}
     print(f"in-process server time (deserialize + evaluate + serialize): median "

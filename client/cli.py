@@ -2,6 +2,7 @@
 
     heinfer serve [--data-dir D --host H --port P --workers N ...]     run the service
     heinfer compile MODEL [--objective latency --out PREFIX ...]       = heinfer-compile
+    heinfer verify NAME.plan.json --inputs FILE.npz [--record]         encrypted vs plaintext
     heinfer health                                                     readiness of a server
     heinfer models list | show NAME | add NAME.plan.json | remove NAME
     heinfer keygen MODEL                                               make/show local keys
@@ -85,7 +86,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                     f"{spec.output.labels}")
             _out(args, m.info, text)
         elif args.action == "add":
-            info = c.add_model(args.plan, name=args.name, replace=args.replace)
+            info = c.add_model(args.plan, name=args.name, replace=args.replace,
+                               force=args.force)
             _out(args, info, f"added {info['name']} (plan {info['plan_hash']})")
         elif args.action == "remove":
             c.remove_model(args.name)
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the server (flags: heinfer serve --help)",
                    add_help=False)
+    sub.add_parser("verify", help="run a plan encrypted on inputs and compare with plaintext "
+                   "(flags: heinfer verify --help)", add_help=False)
     sub.add_parser("compile", help="compile a model to a plan and report (flags: heinfer "
                    "compile --help; same as heinfer-compile)", add_help=False)
     h = sub.add_parser("health", parents=[common], help="is the server ready?")
@@ -284,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("plan", help="NAME.plan.json (NAME.plan.npz beside it)")
     add.add_argument("--name", default=None)
     add.add_argument("--replace", action="store_true")
+    add.add_argument("--force", action="store_true",
+                     help="serve a plan without a passed check record (heinfer verify)")
     rm = msub.add_parser("remove", parents=[common], help="admin: stop serving a model")
     rm.add_argument("name")
     m.set_defaults(fn=cmd_models)
@@ -357,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         from heinfer_server.main import main as serve
 
         return serve(argv[1:])
+    if argv[:1] == ["verify"]:  # check a plan encrypted against plaintext (heinfer.check)
+        from heinfer.check import verify_main
+
+        return verify_main(argv[1:])
     if argv[:1] == ["compile"]:  # the compiler too (same as heinfer-compile)
         from heinfer_packing.cli import main as compile_model
 

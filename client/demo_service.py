@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The demo plays the model owner too, so it needs the compiler and the zoo (imported here,
     # not by the client package).
+    from heinfer.check import checked
     from heinfer.errors import ModelFormatError
     from heinfer.progress import Progress
     from heinfer_client import Client
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="heinfer-demo-") as tmp:
         t = time.perf_counter()
-        plan = lower(model, first_conv=args.first_conv)
+        train, _ = fashion_mnist.load("train")
+        # checked like every plan `heinfer compile` writes: the server serves no other
+        plan = checked(lower(model, first_conv=args.first_conv),
+                       fashion_mnist.normalize(train[:8], model.input_shape), model.forward)
         plan_json = plan.save(Path(tmp) / args.model)
         print(f"[owner]  compiled {args.model} to plan {plan.hash()} in "
               f"{time.perf_counter() - t:.1f} s: {plan.params.describe()}")

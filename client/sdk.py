@@ -221,14 +221,17 @@ class Client:
         return Model(self, self.request("GET", f"/v1/models/{name}", retry=SAFE).json())
 
     def add_model(self, plan_json: str | Path, *, name: str | None = None,
-                  replace: bool = False) -> dict:
-        """Admin: upload NAME.plan.json and its NAME.plan.npz (Plan.save output)."""
+                  replace: bool = False, force: bool = False) -> dict:
+        """Admin: upload NAME.plan.json and its NAME.plan.npz (Plan.save output). The server
+        refuses a plan without a passed check record unless `force`."""
         plan_json = Path(plan_json)
         npz = Path(str(plan_json).removesuffix(".json") + ".npz")
         if not plan_json.name.endswith(".plan.json") or not npz.exists():
             raise FileNotFoundError(f"expected NAME.plan.json with NAME.plan.npz beside it, got "
                                     f"{plan_json}")
         params: dict[str, Any] = {"replace": str(replace).lower()}
+        if force:
+            params["force"] = "true"
         if name:
             params["name"] = name
         with open(plan_json, "rb") as fj, open(npz, "rb") as fn:

@@ -12,6 +12,7 @@
     +-- ModelFormatError      a model or plan file that cannot be read
         +-- PlanVersionError  a plan written by an incompatible heinfer
         +-- KeyBudgetError    a Galois key budget the plan's rotations cannot be composed in
+        +-- PlanCheckError    a plan that fails its check (heinfer.check), or has no record
 """
 
 
@@ -61,3 +62,8 @@ class PlanVersionError(ModelFormatError):
 
 class KeyBudgetError(ModelFormatError):
     """The plan's rotation steps cannot all be composed from the Galois keys it may use."""
+
+
+class PlanCheckError(ModelFormatError):
+    """A plan that disagrees with plaintext beyond the bounds (or would overflow), or that
+    carries no check record where one is required."""

@@ -237,8 +237,10 @@ class Plan:
             raise KeyBudgetError("a key budget needs max_keys or an explicit key set")
         if max_keys is not None and (not isinstance(max_keys, int) or max_keys < 0):
             raise KeyBudgetError(f"max_keys must be a non-negative integer, got {max_keys!r}")
+        # composed rotations add key-switching noise: the copy needs its own check record
         out = replace(self, steps=list(self.steps), labels=list(self.labels),
-                      metadata={k: v for k, v in self.metadata.items() if k != GALOIS_KEYS})
+                      metadata={k: v for k, v in self.metadata.items()
+                                if k not in (GALOIS_KEYS, "check")})
         used, counts = out._rotation_use()
         if keys is None:
             weights = {step: 0.0 for step in used}

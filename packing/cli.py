@@ -19,9 +19,11 @@ from pathlib import Path
 
 from heinfer.errors import ModelFormatError
 from heinfer.names import MODEL_NAME_RE, is_model_name, to_model_name
+from heinfer.plan import Plan
 from heinfer.progress import Phase
 from heinfer_packing import calib_data
 from heinfer_packing.calibrate import calibration_path, load_or_calibrate
+from heinfer_packing.checking import Setting, check_and_retry, check_inputs, measure_ranges
 from heinfer_packing.keys import apply_key_budget
 from heinfer_packing.lower import lower
 from heinfer_packing.modelfile import load_model
@@ -92,9 +94,22 @@ def _compile_conformal(net, args) -> int:
     if args.max_keys is not None or args.max_key_mb is not None:
         plan = apply_key_budget(plan, args.max_keys, calibration=cal, max_key_mb=args.max_key_mb)
     plan = plan.for_backend(args.backend)
+    check_text = "plan check: not run (--check none); servers refuse this plan unless forced"
+    if args.check != "none":
+        from heinfer.check import check_plan, with_record
+        from heinfer.errors import PlanCheckError
+
+        xs, source = check_inputs(net, calib)
+        rec = check_plan(plan, xs[: max(8, args.check_inputs)], net.forward,
+                         f"the conformal network in plaintext, {source}", method=args.check,
+                         max_error=args.max_error, agreement_xs=xs)
+        if not rec.passed:
+            raise PlanCheckError(f"the plan fails its check, nothing written:\n{rec.summary()}")
+        plan, check_text = with_record(plan, rec), rec.summary()
     text = (f"conformal network, {len(net.blocks)} blocks, collapsed: M {col.M.shape}, "
             f"R {col.R.shape} ({col.factor} factor), c0 {col.c0:.4g}\n\n"
             + report(plan, cal).to_text())
+    text += "\n" + check_text
     print(text)
     if args.out:
         json_path = plan.save(args.out)
@@ -116,6 +131,12 @@ def _sanitize(plan, model, calib_x, args):
           f"flooding std {flood.sigma:.3g} per slot ({flood.stat_bits} bits, "
           f"{flood.queries} decryption(s)): logit error about {flooded_error(plan):.3g}\n")
     return plan
+
+
+def _calibration(plan: Plan, args, show: bool = False) -> dict | None:
+    if args.calibrate or calibration_path(plan.params).exists():
+        return load_or_calibrate(plan.params, progress=show)
+    return None
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -169,6 +190,16 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-keys", type=int, metavar="N",
                     help="at most N Galois keys: rotations by other steps are composed from "
                          "keyed ones at run time (with --objective: a limit and a candidate)")
+    ap.add_argument("--check", choices=["auto", "ckks", "modelled", "none"], default="auto",
+                    help="check the plan before writing it (heinfer.check): a real CKKS run "
+                         "on the check inputs against plaintext (ckks), modelled CKKS errors "
+                         "(modelled), auto: real unless it would take over a minute; none: "
+                         "write it unchecked (servers refuse it unless forced)")
+    ap.add_argument("--check-inputs", type=int, default=8, metavar="N",
+                    help="inputs the check runs on (at least 8; calibration data first)")
+    ap.add_argument("--max-error", type=float,
+                    help="largest output error the check accepts (default 5%% of the largest "
+                         "|output| on the check inputs)")
     ap.add_argument("--max-upload-kb", type=float, help="limit per image for --objective")
     ap.add_argument("--max-memory-gb", type=float, help="limit for --objective (estimated)")
     ap.add_argument("--max-latency-ms", type=float, help="limit for --objective")
@@ -215,32 +246,52 @@ def _main(argv: list[str] | None = None) -> int:
         model, records = rewrite(model, calib_x, calib_y, degree=args.degree)
     rewrites_text = format_records(records)
     print(f"HE-friendly rewrites of {model.name}:\n{rewrites_text}\n")
+    xs, source = check_inputs(model, calib_x)
+    if calib_x is not None and not model.metadata.get("max_abs"):
+        # range analysis on the calibration data: sizes the first prime and the headroom
+        model.metadata["max_abs"] = measure_ranges(model, calib_x[:256])
+    current = Setting(args.precise, args.scale_bits)
+    cands, table_text = None, []
     if args.objective:
         cands = candidates(model, max_keys=args.max_keys, max_key_mb=args.max_key_mb,
                            progress=show)
-        best = choose(cands, args.objective, args.max_key_mb, args.max_upload_kb,
-                      args.max_memory_gb, precise=args.precise,
-                      max_latency_ms=args.max_latency_ms, max_keys=args.max_keys)
-        print(f"candidates, objective {args.objective}:\n{trade_off_table(cands, best)}\n")
-        rewrites_text += f"\n\nobjective {args.objective}:\n{trade_off_table(cands, best)}"
-        plan = best.plan
-    else:
-        with Phase(f"planning {model.name}", disable=not show):
+
+    def make_plan(setting: Setting) -> Plan:
+        if cands is not None and setting.scale_bits == args.scale_bits:
+            best = choose(cands, args.objective, args.max_key_mb, args.max_upload_kb,
+                          args.max_memory_gb, precise=setting.precise,
+                          max_latency_ms=args.max_latency_ms, max_keys=args.max_keys)
+            if setting == current:
+                table = trade_off_table(cands, best)
+                print(f"candidates, objective {args.objective}:\n{table}\n")
+                table_text.append(f"\n\nobjective {args.objective}:\n{table}")
+            return best.plan
+        with Phase(f"planning {model.name}" + (f" ({setting.flags()})" if setting != current
+                                               else ""), disable=not show):
             plan = lower(model, first_conv=args.first_conv,
-                         final_rescale=True if args.precise else None,
-                         scale_bits=args.scale_bits, output_mask=args.output_mask,
+                         final_rescale=True if setting.precise else None,
+                         scale_bits=setting.scale_bits, output_mask=args.output_mask,
                          compact={"auto": None, "always": True, "interleaved": "interleaved",
                                   "never": False}[args.compact])
-    cal = None
-    if args.calibrate or calibration_path(plan.params).exists():
-        cal = load_or_calibrate(plan.params, progress=show)
-    if not args.objective and (args.max_keys is not None or args.max_key_mb is not None):
-        plan = apply_key_budget(plan, args.max_keys, calibration=cal,
-                                max_key_mb=args.max_key_mb)
-    if args.sanitize is not None:
+        if not args.objective and (args.max_keys is not None or args.max_key_mb is not None):
+            plan = apply_key_budget(plan, args.max_keys,
+                                    calibration=_calibration(plan, args, show),
+                                    max_key_mb=args.max_key_mb)
+        return plan.for_backend(args.backend)  # checked on the backend that will serve it
+
+    plan = make_plan(current)
+    rewrites_text += "".join(table_text)
+    check_text = "plan check: not run (--check none); servers refuse this plan unless forced"
+    if args.check != "none":
+        # the precision is the compiler's to choose unless the user fixed it
+        may_retry = not args.precise and args.scale_bits is None
+        plan, _, check_text = check_and_retry(plan, model, xs, source, make_plan, current,
+                                              may_retry, args.check, args.max_error,
+                                              args.check_inputs)
+    if args.sanitize is not None:  # after the check: flooding is the server's, on purpose
         plan = _sanitize(plan, model, calib_x, args)
-    plan = plan.for_backend(args.backend)
-    text = report(plan, cal).to_text()
+    cal = _calibration(plan, args, show)
+    text = report(plan, cal).to_text() + "\n" + check_text
     print(text)
     if args.out:
         json_path = plan.save(args.out)

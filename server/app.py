@@ -115,7 +115,8 @@ async def _background_start(state: ServerState,
     try:
         await state.pool.warm_up()
         for path in state.settings.plan_paths():
-            row, created = await install_plan(state, path, name=None, replace=True)
+            row, created = await install_plan(state, path, name=None, replace=True,
+                                              force=state.settings.allow_unchecked_plans)
             log.info("plan preloaded", extra={"model": row.name, "plan_hash": row.plan_hash,
                                               "new": created})
         state.preload_done = True

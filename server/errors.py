@@ -72,6 +72,7 @@ PROBLEMS: dict[str, Problem] = {
     "invalid_plan": Problem(400, "Invalid plan"),
     "plan_version": Problem(400, "Unsupported plan version"),
     "insecure_params": Problem(400, "Insecure parameters"),
+    "unchecked_plan": Problem(400, "Plan not checked"),
     "invalid_name": Problem(400, "Invalid name"),
     "validation_error": Problem(422, "Invalid request"),
     "body_timeout": Problem(408, "Request body timeout"),

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
                                      description="compiled plans kept per worker (LRU)")
     allow_insecure_params: bool = Field(default=False,
                                         description="accept plans with insecure test parameters")
+    allow_unchecked_plans: bool = Field(
+        default=False, description="serve startup plans (HEINFER_PRELOAD_PLANS) that carry no "
+        "passed check record (heinfer.check); uploads force per request (?force=true)")
     preload_plans: str = Field(default="",
                                description="plan files (NAME.plan.json) to add at startup, "
                                            "comma separated")

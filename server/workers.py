@@ -169,12 +169,26 @@ class PlanInfo:
     preprocessing_json: str = "null"
 
 
-def inspect_plan(json_path: str, allow_insecure: bool) -> PlanInfo:
-    """Load a plan file (strictly: plan_check; then its version and hash) and derive its
-    public spec."""
+def inspect_plan(json_path: str, allow_insecure: bool, force: bool = False) -> PlanInfo:
+    """Load a plan file (strictly: plan_check; then its version and hash), require a passed
+    check record (heinfer.check; unless `force`) and derive its public spec."""
+    from heinfer.check import record_of
     from heinfer_server.plan_check import load_checked
 
     plan = load_checked(json_path)
+    try:
+        rec = record_of(plan)
+    except ValueError as e:  # pydantic: a record of the wrong shape
+        raise ApiError("unchecked_plan", f"plan {plan.name}: unreadable check record: {e}") from e
+    if not force and (rec is None or not rec.passed):
+        what = ("carries no check record" if rec is None
+                else f"failed its check ({'; '.join(rec.reasons)})")
+        raise ApiError("unchecked_plan",
+                       f"plan {plan.name} {what}: a plan is served only once it has been run "
+                       "encrypted and compared with plaintext. Compile it with `heinfer "
+                       "compile` (which checks every plan) or record a check with `heinfer "
+                       "verify PLAN --inputs FILE.npz --record`; an admin may force it (heinfer "
+                       "models add --force, HEINFER_ALLOW_UNCHECKED_PLANS for startup plans)")
     if plan.params.security_bits() < 128 and not allow_insecure:
         raise ApiError("insecure_params",
                        f"plan {plan.name} uses {plan.params.describe()}; this server refuses "

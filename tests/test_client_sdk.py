@@ -230,7 +230,11 @@ def test_shipped_model_over_http(tmp_path):
     from heinfer_packing.lower import lower
 
     model = zoo.load("fmnist-cryptonets")
-    plan_json = lower(model).save(tmp_path / "plans" / "fmnist-cryptonets")
+    from heinfer.check import checked
+
+    train, _ = fashion_mnist.load("train")
+    plan = checked(lower(model), fashion_mnist.normalize(train[:8]), model.forward)
+    plan_json = plan.save(tmp_path / "plans" / "fmnist-cryptonets")
     with running_server(tmp_path, [plan_json], allow_insecure_params="false") as s:
         c = Client(s.url, ALICE, keystore=tmp_path / "ks")
         session = c.model("fmnist-cryptonets").session()

@@ -93,6 +93,9 @@ def test_conformal_model_through_the_server_and_sdk(rng, tmp_path):
     xs = rng.normal(size=(2, 1, 12, 12))
     plan, _ = lower_conformal(net, "conformal4", labels=[str(i) for i in range(10)],
                               calib_x=xs)
+    from heinfer.check import checked
+
+    plan = checked(plan, rng.normal(size=(8, 1, 12, 12)), net.forward)
     plan_json = plan.save(tmp_path / "plans" / "conformal4")
     with running_server(tmp_path / "srv", [plan_json]) as srv:
         c = Client(srv.url, ALICE, keystore=tmp_path / "keys")

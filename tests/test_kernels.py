@@ -294,3 +294,18 @@ def test_im2col_layout_dict_keeps_the_form_older_plans_were_hashed_with():
     split = Im2colLayout((1, 8, 8), 6, (3, 3), 1, 1, SLOTS, 4, SLOTS // 4, 2)
     assert layout_to_dict(split)["out_per_ct"] == 2 and layout_from_dict(
         layout_to_dict(split)) == split
+
+
+def test_dense_with_diagonals_that_encode_to_zero(rng):
+    """Weights far below the weight scale's resolution encode to an all-zero plaintext, and
+    SEAL refuses the product ('result ciphertext is transparent', issue #11's crash with
+    --first-conv rotation). Such diagonals contribute nothing and are skipped."""
+    x = rng.normal(size=(40,))
+    w = rng.normal(scale=1e-12, size=(6, 40))
+    w[0, :2] = rng.normal(scale=0.3, size=2)  # on two diagonals: the others are all tiny
+    b = rng.normal(size=6)
+    steps = [PlanStep("dense", {}, w, b)]
+    he, compiled = run_encrypted(small_params(1), VectorLayout(40, SLOTS), steps, x)
+    assert_close(he, w @ x + b)
+    dense = compiled.kernels[0]
+    assert sum(len(r) for r in dense.plaintexts) < dense.period  # zero diagonals skipped

@@ -1,6 +1,8 @@
 """The compiler's report: symbolic op counts equal the real CKKS run's, per layer and level."""
 
 
+import pytest
+
 from heinfer.backends import make_backend
 from heinfer.backends.counting import CountingBackend
 from heinfer.codec import encode_encrypt
@@ -58,7 +60,29 @@ def test_lower_bound_counts_macs_and_reductions(rng):
     # small_cnn: conv 1->3 3x3 on 12x12, conv 3->4 3x3 on 6x6, dense 144->10
     macs = [3 * 12 * 12 * 9, 4 * 6 * 6 * 27, 10 * 144]
     widths = [9, 27, 144]
+    n_in = [lr.n_in for lr in rep.layers if lr.macs]
+    assert n_in[0] > 1  # im2col: the taps arrive in separate ciphertexts
     slots = plan.params.slots
-    expected = sum(m / slots * 0.5 + math.log2(w) * 2.0 for m, w in zip(macs, widths, strict=True))
+    expected = sum(m / slots * 0.5 + math.log2(max(1, w / n)) * 2.0
+                   for m, w, n in zip(macs, widths, n_in, strict=True))
     assert abs(rep.lower_bound_ms() - expected) < 1e-9
     assert rep.predicted_ms >= rep.lower_bound_ms()
+
+
+@pytest.mark.parametrize("first_conv", ["im2col", "rotation"])
+def test_no_zoo_prediction_below_its_bound(first_conv):
+    """Issue #11: fmnist-cryptonets' report printed a prediction below its own lower bound. With
+    rotations much dearer than multiplies (as on every calibrated machine), every zoo plan's
+    prediction stays at or above the bound, and the report never prints a ratio under 1."""
+    from heinfer_models import zoo
+
+    # costs fall with the level, as measured (fewer primes): the bound must charge each layer's
+    # operations at the cheapest level they could run at, not at its input level
+    cal = {"ms": {"rotate": {str(lv): 1.0 + lv for lv in range(12)},
+                  "multiply_plain": {str(lv): 0.05 * (1 + lv) for lv in range(12)}},
+           "sizes": {"relin_key_bytes": 1, "galois_key_bytes": 1, "seeded_ciphertext_bytes": 1},
+           "date": "today"}
+    for name in ("fmnist-cryptonets", "fmnist-tenseal-tutorial", "fmnist-polyconv-2"):
+        rep = report(lower(zoo.load(name), first_conv=first_conv), cal)
+        assert rep.predicted_ms >= rep.lower_bound_ms() > 0, name
+        assert "0." not in rep.to_text().split("predicted at ")[-1].split("x the bound")[0]

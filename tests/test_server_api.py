@@ -14,6 +14,7 @@ import pytest
 import tenseal as ts
 
 from heinfer import wire
+from heinfer.check import checked
 from heinfer.plan import Plan
 from heinfer_client.keys import LocalKeys
 from tests.test_server_support import (
@@ -295,7 +296,15 @@ def test_plan_with_a_key_budget_is_served_with_its_keys_only(env):
     admin, alice = http(env["srv"].url, ADMIN), env["alice"]
     plan = Plan.load(tiny_plan(env["dir"] / "plans" / "kb", name="budget"))
     natural = plan.spec().rotation_steps
-    path = plan.with_key_budget(2).save(env["dir"] / "plans" / "kb" / "budget")
+    budgeted = plan.with_key_budget(2)
+    assert "check" not in budgeted.metadata  # composed rotations: its own check is needed
+    r = admin.post("/v1/models", files={"plan_json": budgeted.save(
+        env["dir"] / "plans" / "kb" / "unchecked").read_bytes(), "plan_npz": (
+        env["dir"] / "plans" / "kb" / "unchecked.plan.npz").read_bytes()})
+    assert r.status_code == 400 and r.json()["code"] == "unchecked_plan", r.text
+    model = tiny_model("budget")
+    xs = np.random.default_rng(1).uniform(-1, 1, (8, *model.input_shape))
+    path = checked(budgeted, xs, model.forward).save(env["dir"] / "plans" / "kb" / "budget")
     r = admin.post("/v1/models", files={"plan_json": path.read_bytes(),
                                         "plan_npz": path.with_suffix(".npz").read_bytes()})
     assert r.status_code == 201, r.text

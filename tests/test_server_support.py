@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 
 from heinfer import wire
+from heinfer.check import checked
 from heinfer.plan import ModelSpec
 from heinfer_client.keys import LocalKeys
 from heinfer_client.local import LocalServer
@@ -39,8 +40,10 @@ def tiny_model(name: str = "tiny", seed: int = 0) -> Model:
 
 def tiny_plan(directory: Path, name: str = "tiny", seed: int = 0, depth: int = 3) -> Path:
     """Compile the tiny model (depth 3 at small_params(depth)) and save NAME.plan.json/.npz."""
-    plan = lower(tiny_model(name, seed), small_params(depth), first_conv="rotation")
-    return plan.save(Path(directory) / name)
+    model = tiny_model(name, seed)
+    plan = lower(model, small_params(depth), first_conv="rotation")
+    xs = np.random.default_rng(seed).uniform(-1, 1, (8, *model.input_shape))
+    return checked(plan, xs, model.forward).save(Path(directory) / name)
 
 
 def server_env(**extra: object) -> dict[str, str]:

@@ -44,6 +44,13 @@ class BuildContext:
             return None
         return self.backend.encode(values, level, scale)
 
+    def is_zero(self, pt: Plaintext | None) -> bool:
+        """True when `pt` encoded to all-zero coefficients (values below the scale's
+        resolution): SEAL refuses a product with it ('result ciphertext is transparent'), and it
+        contributes nothing, so kernels skip it."""
+        return pt is not None and self.values_needed and bool(
+            self.backend.plaintext_is_zero(pt))
+
     def use_step(self, step: int) -> int:
         step %= self.slots
         if step:

@@ -183,7 +183,9 @@ class RotationConv2d(Kernel):
                                     + (0 if self.rows_in_baby else di * R))
                     pt = ctx.encode(m, level, prime)
                     off = baby_offset(rb, di, dj)
-                    baby_offsets.add(off)
+                    baby_offsets.add(off)  # the same rotations with or without the values
+                    if ctx.is_zero(pt):  # weights below the scale's resolution
+                        continue
                     self.inner[go][(rg, 0 if self.rows_in_baby else di)].append((gi, off, pt))
                     self.expected_ops["multiply_plain"] += 1
         self.chain = plan_rotation_chain(ctx, self, sorted(baby_offsets))

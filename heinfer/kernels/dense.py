@@ -203,12 +203,12 @@ class DiagonalDense(Kernel):
                         continue
                     vals = np.roll(diags[c, dd], self.baby * gg) if ctx.values_needed else None
                     pt = ctx.encode(vals, level, weight_scale)
-                    if ctx.values_needed and ctx.backend.plaintext_is_zero(pt):
+                    used_babies.add(b)  # the same rotations with or without the values
+                    if ctx.is_zero(pt):
                         # weights below the encoding's precision (a masked layer's diagonal
                         # may hold one tiny weight): nothing to add, and SEAL refuses it
                         continue
                     row[(c, b)] = pt
-                    used_babies.add(b)
                     self.expected_ops["multiply_plain"] += 1
             self.plaintexts.append(row)
         self.chain = plan_rotation_chain(ctx, self, sorted(used_babies))
@@ -254,7 +254,7 @@ class DiagonalDense(Kernel):
                 if inner is not None:
                     be.add_inplace(acc, inner)
         if acc is None:
-            raise LayoutError("dense layer with an all-zero weight matrix")
+            raise LayoutError("dense layer whose weights are all zero at its weight scale")
         acc = rotate_and_sum(be, acc, self.period, self.groups)
         if self.bias is not None:
             be.add_plain_inplace(acc, self.bias)

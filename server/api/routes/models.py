@@ -67,11 +67,11 @@ async def get_model(name: str, state: StateDep, _: ApiKeyDep) -> ModelPublic:
 
 
 async def install_plan(state: ServerState, json_path, *, name: str | None,
-                       replace: bool) -> tuple[st.ModelRow, bool]:
+                       replace: bool, force: bool = False) -> tuple[st.ModelRow, bool]:
     """Inspect a plan file pair in a worker, copy it under models/NAME/ and record it.
     Returns (row, created). Re-adding the same plan under the same name is a no-op."""
     info = await state.pool.run(workers.inspect_plan, str(json_path),
-                                state.settings.allow_insecure_params,
+                                state.settings.allow_insecure_params, force,
                                 timeout=state.settings.setup_timeout_s, queue=False,
                                 tenant="admin")
     name = check_name(name or info.name)
@@ -115,7 +115,10 @@ PLAN_UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-dat
 async def add_model(request: Request, response: Response, state: StateDep, principal: AdminDep,
                     name: Annotated[str | None, Query(description="serve under this name "
                                                       "(default: the plan's)")] = None,
-                    replace: bool = False) -> ModelPublic:
+                    replace: bool = False,
+                    force: Annotated[bool, Query(description="serve a plan without a passed "
+                                                 "check record (heinfer.check)")] = False
+                    ) -> ModelPublic:
     """Add a compiled model from its plan files (`heinfer models add NAME.plan.json`)."""
     limit = state.settings.max_plan_bytes
     length = request.headers.get("content-length")
@@ -141,7 +144,7 @@ async def add_model(request: Request, response: Response, state: StateDep, princ
                     while chunk := await part.read(1 << 20):
                         f.write(chunk)
         row, created = await install_plan(state, tmp / "upload.plan.json", name=name,
-                                          replace=replace)
+                                          replace=replace, force=force)
     finally:
         st.remove_tree(tmp)
     if not created:
