@@ -46,6 +46,7 @@ class CheckRecord(BaseModel):
     """What was checked, how, and the outcome (stored in the plan's metadata)."""
 
     method: str = Field(description="ckks (real run) or modelled (NoisyPlainBackend)")
+    method_note: str = Field(default="", description="why this method (auto)")
     reference: str = Field(description="what the outputs were compared with")
     inputs: int
     agreement: float = Field(description="top-1 agreement with the reference")
@@ -69,7 +70,9 @@ class CheckRecord(BaseModel):
 
     def summary(self) -> str:
         how = ("real CKKS run" if self.method == "ckks"
-               else "modelled CKKS errors (no real run: it would take minutes)")
+               else "modelled CKKS errors, not a real run")
+        if self.method_note:
+            how += f": {self.method_note}"
         head = (f"plan check ({how}, {self.inputs} inputs, against {self.reference}): "
                 f"{'passed' if self.passed else 'FAILED'}; top-1 agreement "
                 f"{100 * self.agreement:.1f}% (expected {100 * self.predicted_agreement:.1f}% on "
@@ -177,9 +180,12 @@ def check_plan(plan: Plan, xs: np.ndarray, reference: Callable[[np.ndarray], np.
         refs, reference_name = plain, "the plan's own arithmetic in plaintext (PlainBackend)"
     else:
         refs = [np.asarray(reference(x), dtype=np.float64) for x in xs]
+    note = ""
     if method == "auto":
-        method = ("ckks" if estimated_real_seconds(plan, len(xs)) <= MAX_REAL_CHECK_S
-                  else "modelled")
+        est = estimated_real_seconds(plan, len(xs))
+        method = "ckks" if est <= MAX_REAL_CHECK_S else "modelled"
+        if method == "modelled":
+            note = f"a real run would take about {est / 60:.0f} min"
     eval_ms = None
     if method == "ckks":
         outs, secs = run_ckks(plan, xs, backend or plan.backend_name)
@@ -203,7 +209,8 @@ def check_plan(plan: Plan, xs: np.ndarray, reference: Callable[[np.ndarray], np.
     predicted = agreement_estimate(np.asarray(big), error_sd)
     worst = log.worst()
     rec = CheckRecord(
-        method=method, reference=reference_name, inputs=len(xs), agreement=agreement,
+        method=method, method_note=note, reference=reference_name, inputs=len(xs),
+        agreement=agreement,
         predicted_agreement=predicted, agreement_inputs=len(big),
         max_error=float(max(e.max() for e in errs)),
         mean_error=float(np.mean([e.mean() for e in errs])), error_bound=float(bound),

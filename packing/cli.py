@@ -282,7 +282,11 @@ def _main(argv: list[str] | None = None) -> int:
     plan = make_plan(current)
     rewrites_text += "".join(table_text)
     check_text = "plan check: not run (--check none); servers refuse this plan unless forced"
-    if args.check != "none":
+    if model.metadata.get("untrained"):
+        # a topology with random weights, planned to be priced: nothing meaningful to compare
+        check_text = ("plan check: not run (random weights: a plan to price, not to serve); "
+                      "servers refuse this plan unless forced")
+    elif args.check != "none":
         # the precision is the compiler's to choose unless the user fixed it
         may_retry = not args.precise and args.scale_bits is None
         plan, _, check_text = check_and_retry(plan, model, xs, source, make_plan, current,

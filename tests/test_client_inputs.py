@@ -151,7 +151,10 @@ def test_cli_predict_contract_on_the_shipped_model(fmnist, tmp_path):
     np.save(tmp_path / "unit.npy", img / 255.0)
     np.save(tmp_path / "norm.npy", x)
     np.save(tmp_path / "three.npy", fashion_mnist.normalize(images[:3])[:, 0])  # (3, 28, 28)
-    plan = lower(model).save(tmp_path / "plans" / "fmnist-cryptonets")
+    from heinfer.check import checked
+
+    plan = checked(lower(model), fashion_mnist.normalize(images[:8]), model.forward).save(
+        tmp_path / "plans" / "fmnist-cryptonets")
     with running_server(tmp_path, [plan], allow_insecure_params="false") as srv:
         # refused before any key is made: each error says what to pass
         out = _cli(tmp_path, srv.url, str(tmp_path / "unit.npy"))
