@@ -150,3 +150,18 @@ def test_record_round_trips_in_the_plan_file(tmp_path):
     doc = json.loads(plan.save(tmp_path / "p").read_text())
     rec = CheckRecord.model_validate(doc["metadata"]["check"])
     assert rec.passed and Plan.load(tmp_path / "p.plan.json").hash() == doc["hash"]
+
+
+def test_objective_only_retries_too(tmp_path, capsys):
+    """`--objective` without --precise/--scale-bits leaves the precision to the compiler: the
+    chosen candidate fails its check and a safer one is written, with both checks reported."""
+    from heinfer_packing.cli import main as compile_main
+
+    out = tmp_path / "objective"
+    code = compile_main([str(FIXTURES / "sigtanh.onnx"), "--calib-fmnist", "200", "--objective",
+                         "latency", "--check", "modelled", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "candidates, objective latency" in text and "retried with --precise" in text
+    rec = record_of(Plan.load(f"{out}.plan.json"))
+    assert rec is not None and rec.passed

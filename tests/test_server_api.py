@@ -298,10 +298,15 @@ def test_plan_with_a_key_budget_is_served_with_its_keys_only(env):
     natural = plan.spec().rotation_steps
     budgeted = plan.with_key_budget(2)
     assert "check" not in budgeted.metadata  # composed rotations: its own check is needed
-    r = admin.post("/v1/models", files={"plan_json": budgeted.save(
-        env["dir"] / "plans" / "kb" / "unchecked").read_bytes(), "plan_npz": (
-        env["dir"] / "plans" / "kb" / "unchecked.plan.npz").read_bytes()})
-    assert r.status_code == 400 and r.json()["code"] == "unchecked_plan", r.text
+    unchecked = {"plan_json": budgeted.save(env["dir"] / "plans" / "kb" / "unchecked")
+                 .read_bytes(),
+                 "plan_npz": (env["dir"] / "plans" / "kb" / "unchecked.plan.npz").read_bytes()}
+    body = problem(admin.post("/v1/models", files=unchecked), 400, "unchecked_plan")
+    assert "heinfer verify" in body["detail"] and "--force" in body["detail"]
+    # the admin may force it
+    r = admin.post("/v1/models", params={"force": "true", "name": "forced"}, files=unchecked)
+    assert r.status_code == 201, r.text
+    assert admin.delete("/v1/models/forced").status_code == 204
     model = tiny_model("budget")
     xs = np.random.default_rng(1).uniform(-1, 1, (8, *model.input_shape))
     path = checked(budgeted, xs, model.forward).save(env["dir"] / "plans" / "kb" / "budget")
