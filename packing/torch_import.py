@@ -101,11 +101,15 @@ def load_torch_file(path: str | Path, input_shape: tuple[int, ...] | None) -> Mo
 
 
 def compile_torch(module: Any, example_input: Any, calibration: Any = None, degree: int = 2,
-                  **lower_options: Any) -> Plan:
+                  check: str = "auto", **lower_options: Any) -> Plan:
     """Export, import, rewrite (activations fitted on `calibration`: images (N, C, H, W), or
-    (images, labels) to record plaintext accuracy per rewrite) and lower to a Plan.
-    `lower_options` go to `heinfer_packing.lower.lower` (params, first_conv, compact, ...).
-    The rewrite table and import notes are in `plan.metadata`."""
+    (images, labels) to record plaintext accuracy per rewrite), lower to a Plan and check it
+    as `heinfer compile` does (`check`: auto, ckks, modelled or none; a failing plan is retried
+    with safer settings unless `final_rescale`, `scale_bits` or `params` is given, else
+    PlanCheckError says what to change). `lower_options` go to `heinfer_packing.lower.lower`
+    (params, first_conv, compact, ...). The rewrite table and import notes are in
+    `plan.metadata`, the check record in `plan.metadata["check"]`."""
+    from heinfer_packing.checking import Setting, check_and_retry, check_inputs, measure_ranges
     from heinfer_packing.lower import lower
     from heinfer_packing.rewrites import format_records, rewrite
 
@@ -115,6 +119,21 @@ def compile_torch(module: Any, example_input: Any, calibration: Any = None, degr
     model = load_torch(module, example_input)
     calib_x, calib_y = as_calibration(calibration, model.input_shape)
     he_model, records = rewrite(model, calib_x, calib_y, degree=degree)
-    plan = lower(he_model, **lower_options)
+    if calib_x is not None and not he_model.metadata.get("max_abs"):
+        he_model.metadata["max_abs"] = measure_ranges(he_model, calib_x[:256])
+    current = Setting(bool(lower_options.get("final_rescale")), lower_options.get("scale_bits"))
+
+    def relower(setting: Setting) -> Plan:
+        opts = dict(lower_options, scale_bits=setting.scale_bits)
+        if setting.precise:
+            opts["final_rescale"] = True
+        return lower(he_model, **opts)
+
+    plan = relower(current)
+    if check != "none":
+        xs, source = check_inputs(he_model, calib_x)
+        fixed = any(k in lower_options for k in ("final_rescale", "scale_bits", "params"))
+        plan, _, _ = check_and_retry(plan, he_model, xs, source, relower, current,
+                                     may_retry=not fixed, method=check, log=lambda _: None)
     plan.metadata["rewrites"] = format_records(records)
     return plan

@@ -165,3 +165,20 @@ def test_objective_only_retries_too(tmp_path, capsys):
     assert "candidates, objective latency" in text and "retried with --precise" in text
     rec = record_of(Plan.load(f"{out}.plan.json"))
     assert rec is not None and rec.passed
+
+
+def test_compile_torch_checks_its_plan():
+    """The library path from PyTorch returns a checked plan too (the record in its metadata)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")  # torch's exporter (the onnx extra)
+    from heinfer_models import fashion_mnist
+    from heinfer_packing import compile_torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 7, stride=3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 10)).eval()
+    images, _ = fashion_mnist.load("train")
+    plan = compile_torch(net, torch.zeros(1, 1, 28, 28),
+                         calibration=fashion_mnist.normalize(images[:64]), check="modelled")
+    rec = record_of(plan)
+    assert rec is not None and rec.passed and rec.method == "modelled"
