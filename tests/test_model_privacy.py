@@ -240,6 +240,7 @@ def test_sanitized_plan_served_by_heinfer_serve(tmp_path):
     public key is refused with a 400 naming it, the SDK (which sends its public key) gets
     answers within the flooding of numpy's, and the same query twice gives different bytes."""
     from heinfer import wire
+    from heinfer.check import checked
     from heinfer_client import Client
     from heinfer_client.keys import LocalKeys
     from tests.test_server_support import (
@@ -254,7 +255,9 @@ def test_sanitized_plan_served_by_heinfer_serve(tmp_path):
 
     model = tiny_mlp(1)
     xs = np.random.default_rng(5).normal(size=(3, 16))
-    plan = sanitized(model, xs)
+    # a server serves checked plans only (the check runs the kernels: flooding is the server's)
+    plan = checked(sanitized(model, xs), np.random.default_rng(6).normal(size=(8, 16)),
+                   model.forward)
     sigma = plan.flood_spec().sigma
     with running_server(tmp_path / "srv", [plan.save(tmp_path / "plans" / "mlp")]) as srv:
         c = http(srv.url)

@@ -50,6 +50,9 @@ COMMANDS: list[tuple[str, str]] = [
     (r"heinfer-compile --sanitize \d+",
      "tests/test_model_privacy.py::test_sanitized_plan_served_by_heinfer_serve (a flag named in "
      "prose: sanitized plans compiled and served over HTTP)"),
+    (r"heinfer verify PLAN --inputs FILE\.npz",
+     "tests/test_check.py::test_verify_records_a_check_for_an_old_plan (the same command on a "
+     "saved plan and an npz of inputs)"),
     (r"heinfer compile model\.pt",
      "tests/test_calib_data.py::test_compile_a_saved_torch_module (the same CLI on a saved torch "
      "module)"),
