@@ -80,12 +80,36 @@ def test_agreement_estimate():
     assert agreement_estimate(refs, 1e-4) > agreement_estimate(refs, 0.1)
 
 
-def test_sigtanh_default_compile_retries_to_a_plan_that_agrees(tmp_path, capsys):
+@pytest.fixture
+def old_square_fold(monkeypatch):
+    """Lowering as in issue #11: every fitted quadratic folded into a square, however far its
+    shift (the lowering now runs nearly linear fits as poly2; the check must catch the old
+    silent error whatever the lowering does)."""
+    from heinfer_packing import lower as lowering
+
+    monkeypatch.setattr(lowering, "SHIFT_LIMIT", float("inf"))
+
+
+def test_sigtanh_default_compile_agrees(tmp_path, capsys):
+    """Issue #11's model with today's lowering: the default plan passes its check as is."""
+    from heinfer_packing.cli import main as compile_main
+
+    out = tmp_path / "sigtanh"
+    code = compile_main([str(FIXTURES / "sigtanh.onnx"), "--calib-fmnist", "200", "--check",
+                         "modelled", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "retried" not in text, text
+    rec = record_of(Plan.load(f"{out}.plan.json"))
+    assert rec.passed and rec.predicted_agreement >= 0.99 and rec.max_error < 0.05
+
+
+def test_sigtanh_default_compile_retries_to_a_plan_that_agrees(tmp_path, capsys,
+                                                               old_square_fold):
     """Issue #11: a PyTorch CNN with sigmoid and tanh (tests/fixtures/make_sigtanh.py), compiled
-    with default options, decrypted to wrong logits without a word. Now the check fails, the
-    compiler (free to choose the precision) retries with safer settings, and the plan it writes
-    carries the passed record; a real run of that plan agrees. (The modelled check keeps this
-    test fast; the real one is exercised above and by heinfer verify below.)"""
+    with default options, decrypted to wrong logits without a word. With that lowering the check
+    fails, the compiler (free to choose the precision) retries with safer settings, and the plan
+    it writes carries the passed record; a real run of that plan agrees. (The modelled check
+    keeps this test fast; the real one is exercised above and by heinfer verify below.)"""
     from heinfer_packing.cli import main as compile_main
 
     out = tmp_path / "sigtanh"
@@ -108,7 +132,8 @@ def test_sigtanh_default_compile_retries_to_a_plan_that_agrees(tmp_path, capsys)
     assert code == 0 and "real CKKS run, 8 inputs" in text and "top-1 agreement 100.0%" in text
 
 
-def test_sigtanh_pinned_precision_is_refused_with_what_to_change(tmp_path, capsys):
+def test_sigtanh_pinned_precision_is_refused_with_what_to_change(tmp_path, capsys,
+                                                                 old_square_fold):
     """With the precision fixed by the user (--scale-bits) the compiler does not override it:
     nothing is written, and the error names the setting that passes."""
     from heinfer_packing.cli import main as compile_main
@@ -152,7 +177,7 @@ def test_record_round_trips_in_the_plan_file(tmp_path):
     assert rec.passed and Plan.load(tmp_path / "p.plan.json").hash() == doc["hash"]
 
 
-def test_objective_only_retries_too(tmp_path, capsys):
+def test_objective_only_retries_too(tmp_path, capsys, old_square_fold):
     """`--objective` without --precise/--scale-bits leaves the precision to the compiler: the
     chosen candidate fails its check and a safer one is written, with both checks reported."""
     from heinfer_packing.cli import main as compile_main
