@@ -213,7 +213,8 @@ class Plan:
 
         if name not in BACKENDS:
             raise ModelFormatError(f"backend {name!r}: choose one of {list(BACKENDS)}")
-        meta = {k: v for k, v in self.metadata.items() if k != BACKEND}
+        # another backend computes it: the copy needs its own check record (heinfer.check)
+        meta = {k: v for k, v in self.metadata.items() if k not in (BACKEND, "check")}
         if name != DEFAULT_BACKEND:  # default left out: existing plans keep their hash
             meta[BACKEND] = name
         return replace(self, steps=list(self.steps), labels=list(self.labels), metadata=meta)

@@ -44,7 +44,12 @@ def served(tmp_path_factory):
     from heinfer_packing.lower import lower
 
     d = tmp_path_factory.mktemp("browser")
-    plan = lower(zoo.load("fmnist-cryptonets")).for_backend("pyfhel")
+    from heinfer.check import checked
+    from heinfer_models import fashion_mnist
+
+    model = zoo.load("fmnist-cryptonets")
+    plan = checked(lower(model).for_backend("pyfhel"),
+                   fashion_mnist.normalize(fashion_mnist.load("train")[0][:8]), model.forward)
     with running_server(d, [plan.save(d / "plans" / plan.name)]) as srv:
         srv.dir = d
         srv.model = plan.name

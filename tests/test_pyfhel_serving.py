@@ -31,8 +31,13 @@ pytestmark = pytest.mark.skipif(not backend_available("pyfhel"),
 
 
 def _pyfhel_plan(path, name: str, seed: int = 0):
+    from heinfer.check import checked
+
     p = tiny_plan(path, name, seed)
-    return Plan.load(p).for_backend("pyfhel").save(path / name)
+    model = tiny_model(name, seed)
+    xs = np.random.default_rng(seed).uniform(-1, 1, (8, *model.input_shape))
+    # checked again on Pyfhel: for_backend drops the TenSEAL run's record
+    return checked(Plan.load(p).for_backend("pyfhel"), xs, model.forward).save(path / name)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,13 @@ def srv(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("pyfhel")
     plans = [_pyfhel_plan(d / "plans", "tinyp"), tiny_plan(d / "plans", "tinyt", seed=1)]
-    fm = lower(zoo.load("fmnist-cryptonets")).for_backend("pyfhel")
+    from heinfer.check import checked
+    from heinfer_models import fashion_mnist
+
+    model = zoo.load("fmnist-cryptonets")
+    fm = lower(model).for_backend("pyfhel")
     fm.name = "fmnist-pyfhel"
+    fm = checked(fm, fashion_mnist.normalize(fashion_mnist.load("train")[0][:8]), model.forward)
     plans.append(fm.save(d / "plans" / "fmnist-pyfhel"))
     with running_server(d, plans) as s:
         yield s
@@ -145,7 +155,9 @@ def test_compile_cli_backend_pyfhel(tmp_path, capsys):
     assert web.backend_name == "pyfhel" and ts.backend_name == "tenseal"
     assert "backend" not in ts.metadata and web.hash() != ts.hash()
     assert web.spec().backend.startswith("pyfhel/seal-4.1")
-    assert web.for_backend("tenseal").hash() == ts.hash()
+    # the same plan but for its backend (and its check record, which for_backend drops)
+    assert web.for_backend("tenseal").hash() == ts.for_backend("tenseal").hash()
+    assert web.metadata["check"]["passed"] and ts.metadata["check"]["passed"]
     with pytest.raises(SystemExit) as e:  # argparse: a usage error naming the choices
         main(["fmnist-cryptonets", "--backend", "seal9", "--no-progress"])
     assert e.value.code == 2 and "tenseal" in capsys.readouterr().err

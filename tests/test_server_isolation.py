@@ -58,8 +58,13 @@ def slow_model() -> Model:
 
 
 def slow_plan(directory: Path) -> Path:
-    return lower(slow_model(), small_params(5, n=8192), first_conv="rotation").save(
-        Path(directory) / "slow")
+    from heinfer.check import checked
+
+    model = slow_model()
+    plan = lower(model, small_params(5, n=8192), first_conv="rotation")
+    # modelled: a real check would run this deliberately slow model 8 times
+    xs = np.random.default_rng(0).uniform(-1, 1, (8, *model.input_shape))
+    return checked(plan, xs, model.forward, method="modelled").save(Path(directory) / "slow")
 
 
 def workers_of(server_pid: int) -> list[int]:
