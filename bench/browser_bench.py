@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from bench.results_io import save_results
+from heinfer.check import checked
 from heinfer_client import Client
 from heinfer_client.local import LocalServer
 from heinfer_models import fashion_mnist, zoo
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=50)
     args = ap.parse_args(argv)
     images, labels = fashion_mnist.load("test")
-    plan = lower(zoo.load("fmnist-cryptonets")).for_backend("pyfhel")
+    model = zoo.load("fmnist-cryptonets")
+    # served plans carry a check record (heinfer.check): checked on Pyfhel, as it is served
+    plan = checked(lower(model).for_backend("pyfhel"),
+                   fashion_mnist.normalize(fashion_mnist.load("train")[0][:8]), model.forward)
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -31,6 +31,7 @@ import numpy as np
 
 from bench.results_io import save_results
 from heinfer import wire
+from heinfer.check import checked
 from heinfer_client.keys import LocalKeys
 from heinfer_client.local import LocalServer
 from heinfer_models import fashion_mnist, zoo
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = 2
-    plan = lower(zoo.load(args.model))
+    model = zoo.load(args.model)
+    # served plans carry a check record (heinfer.check)
+    plan = checked(lower(model), fashion_mnist.normalize(fashion_mnist.load("train")[0][:8],
+                                                         model.input_shape), model.forward)
     spec = plan.spec()
     keys = LocalKeys(spec)
     t = time.perf_counter()
