@@ -18,13 +18,21 @@ $(PYFHEL_STAMP): $(STAMP) scripts/build_pyfhel.sh
 	bash scripts/build_pyfhel.sh --install
 	touch $(PYFHEL_STAMP)
 
+# torch is the compiler's optional `train` extra, needed by the PyTorch import tests only (so not
+# by `make demo`); it is not in the lock (PyPI's default torch wheel is a multi-GB CUDA build):
+# this exact pin installs the CPU build (docs/COMPILER.md, "From PyPI to torch").
+TORCH_STAMP := .venv/.torch-installed
+$(TORCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q "torch==2.13.0"
+	touch $(TORCH_STAMP)
+
 # The browser client's test needs Debian chromium and web/node_modules (npm ci).
 BROWSER_STAMP := web/node_modules/.heinfer-installed
 $(BROWSER_STAMP): web/package-lock.json scripts/setup_browser.sh
 	bash scripts/setup_browser.sh
 	touch $(BROWSER_STAMP)
 
-test: $(STAMP) $(PYFHEL_STAMP) $(BROWSER_STAMP)
+test: $(STAMP) $(TORCH_STAMP) $(PYFHEL_STAMP) $(BROWSER_STAMP)
 	$(PY) -m ruff check .
 	HEINFER_REQUIRE_PYFHEL=1 HEINFER_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 

@@ -29,11 +29,6 @@ pipq .venv/bin/python -m pip install -q --upgrade pip
 # then the project itself on top with no dependency resolution of its own.
 echo "[setup] installing the locked dependencies (requirements/dev.txt)"
 pipq .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.txt
-# torch is the compiler's optional `train` extra, used by the import tests; it is not in the lock
-# (PyPI's default torch wheel is a multi-GB CUDA build): this exact pin installs the CPU build
-# (docs/COMPILER.md, "From PyPI to torch").
-echo "[setup] installing torch==2.13.0 (CPU) for the PyTorch import tests"
-pipq .venv/bin/python -m pip install -q "torch==2.13.0"
 echo "[setup] installing heinfer (editable)"
 # setuptools' "Editable installation" notice is information (mapped folders such as server/ are
 # imported through a finder, not the working directory), not a packaging problem: silenced.
