@@ -23,7 +23,8 @@ $(PYFHEL_STAMP): $(STAMP) scripts/build_pyfhel.sh
 # this exact pin installs the CPU build (docs/COMPILER.md, "From PyPI to torch").
 TORCH_STAMP := .venv/.torch-installed
 $(TORCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q "torch==2.13.0"
+	@# pip's "Location ... is ignored" lines come from local index mirrors (as in setup.sh)
+	bash -o pipefail -c '$(PY) -m pip install -q "torch==2.13.0" 2>&1 | { grep -v "^WARNING: Location" || true; }'
 	touch $(TORCH_STAMP)
 
 # The browser client's test needs Debian chromium and web/node_modules (npm ci).
