@@ -68,8 +68,10 @@ def test_compile_a_saved_torch_module(tmp_path, capsys):
     torch.save(net.state_dict(), tmp_path / "weights.pt")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).uniform(0, 1, (16, 3, 7, 7)))
     out = tmp_path / "plan"
+    # --check none: this random-weight net's top logits are nearly tied, so top-1 agreement
+    # flips on errors far below the bound; the check itself is tested in test_check.py
     assert main([str(tmp_path / "net.pt"), "--input-shape", "3,7,7", "--calib-npz",
-                 str(tmp_path / "calib.npz"), "--out", str(out)]) == 0
+                 str(tmp_path / "calib.npz"), "--out", str(out), "--check", "none"]) == 0
     captured = capsys.readouterr()
     text = captured.out
     assert "importing" in captured.err and "net.pt" in captured.err  # progress (stderr)

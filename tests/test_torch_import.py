@@ -151,7 +151,10 @@ def test_compile_torch_end_to_end():
     rng = np.random.default_rng(2)
     x = rng.uniform(0, 1, size=(32, 3, 7, 7))
     labels = np.array([int(np.argmax(_torch_logits(net, xi))) for xi in x])
-    plan = compile_torch(net, torch.zeros(1, 3, 7, 7), calibration=(x, labels))
+    # check="none": the nearly tied top logits flip top-1 agreement on errors far below the
+    # check's bound (the plan check refuses such a plan, tested in test_check.py); the logit
+    # error against torch is asserted below instead
+    plan = compile_torch(net, torch.zeros(1, 3, 7, 7), calibration=(x, labels), check="none")
     assert plan.params.security_bits() == 128
     assert "| original | - | yes | 100.00% |" in plan.metadata["rewrites"]
     assert "| fit_activations |" in plan.metadata["rewrites"]
